@@ -1,0 +1,1156 @@
+"""main.py - a single-file, OpenAI-compatible chat server for Hugging Face transformers models.
+
+Endpoints
+  POST /v1/chat/completions   OpenAI chat completions: JSON, or SSE when `stream: true`
+  GET  /v1/models             the one served model
+  GET  /health                status summary; /health/live (process up); /health/ready (model loaded, else 503)
+
+Streams
+  Every SSE event carries `id: <session_id>:<index>` (index from 0, one per event, `[DONE]` included); the
+  session id is also sent as the `X-Session-Id` header. Generation is decoupled from the HTTP connection: a runner
+  appends events to a session, and every response only reads the session. The JSON response is a fold over the
+  same events.
+
+Errors
+  Always `{"error": {"message", "type", "param", "code"}}`: bad input 400, unknown route 404, overload 429 (with
+  Retry-After), model not ready or failed to load 503, anything else 500 with no internals. An error after the
+  stream started is one `data:` event holding an `error` object, then `data: [DONE]`.
+
+Configuration
+  Environment variables (or a `.env` file), one per `Settings` field, named as the field in upper case; see
+  `.env.example`. An invalid value stops start-up with a message naming the variable.
+
+Run: `uvicorn main:app --port 3000` or `python main.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+from dotenv import dotenv_values
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+if TYPE_CHECKING:  # heavy imports happen lazily, inside the engine, never at import time
+    import torch
+
+log = logging.getLogger("llm_server")
+
+# ==== 1. Config ==============================================================================================
+
+DEFAULT_MODEL_REPO_ID = "unsloth/Qwen3-4B-Instruct-2507"
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the server cannot use; the message names the variable."""
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
+_CASTS: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": parse_bool}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, read from the variable of the same name in upper case (`port` <- `PORT`)."""
+
+    port: int = 3000
+    host: str = "127.0.0.1"  # deliberate: loopback by default; set 0.0.0.0 to serve the network
+    model_repo_id: str = DEFAULT_MODEL_REPO_ID  # hub id, local folder, or path to a .gguf file
+    hf_token: str = ""
+    preload_model: bool = False  # load at start-up instead of on the first request
+    device_map: str = "auto"  # passed to from_pretrained; "none" leaves placement to torch
+    torch_dtype: str = "auto"
+    max_tokens: int = 256  # default completion length when a request names none
+    temperature: float = 0.7  # default when a request names none; 0 means greedy
+    max_video_frames: int = 16
+    max_concurrent_generations: int = 1
+    max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
+    keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
+    persist_sessions: bool = False
+    sessions_db_path: str = "sessions.db"
+    sessions_ttl_seconds: float = 3600.0
+    cancel_after_disconnect_seconds: float = 3600.0  # 0 disables the auto-cancel
+    session_buffer_events: int = 4096
+    max_sessions: int = 1024
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("port", 0 <= self.port <= 65535, "a port number (0-65535)"),
+            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("temperature", 0 <= self.temperature <= 2, "between 0 and 2"),
+            ("max_video_frames", self.max_video_frames >= 1, "at least 1"),
+            ("max_concurrent_generations", self.max_concurrent_generations >= 1, "at least 1"),
+            ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
+            ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
+            ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
+            ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
+            ("session_buffer_events", self.session_buffer_events >= 16, "at least 16"),
+            ("max_sessions", self.max_sessions >= 1, "at least 1"),
+            ("torch_dtype", self.torch_dtype in TORCH_DTYPES, "one of " + ", ".join(TORCH_DTYPES)),
+            ("log_level", self.log_level.upper() in logging.getLevelNamesMapping(), "a logging level"),
+            ("model_repo_id", bool(self.model_repo_id.strip()), "a model id or path"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name.upper()} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return [f.name.upper() for f in fields(cls)]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], dotenv_path: Path | None = None) -> Settings:
+        """Build from `environ`, over the values of a `.env` file when one is given and exists."""
+        values: dict[str, str] = {}
+        if dotenv_path is not None and dotenv_path.is_file():
+            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        values.update(environ)
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = values.get(f.name.upper())
+            if raw is None:
+                continue
+            try:
+                kwargs[f.name] = _CASTS[str(f.type)](raw.strip())
+            except ValueError:
+                raise ConfigError(f"{f.name.upper()} must be {f.type}, got {raw!r}") from None
+        return cls(**kwargs)
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.hf_token,) if s]
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces known secret values and bearer credentials in every record before it is written."""
+
+    BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
+
+    def __init__(self, secret_values: list[str]) -> None:
+        super().__init__()
+        self.secret_values = [s for s in secret_values if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.BEARER.sub(r"\1***", message)
+        for value in self.secret_values:
+            redacted = redacted.replace(value, "***")
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def configure_logging(settings: Settings) -> None:
+    """One stderr handler on the root logger, with redaction, so uvicorn's records are covered too."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_llm_server", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._llm_server = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for existing in root.handlers:
+        existing.filters = [f for f in existing.filters if not isinstance(f, RedactSecrets)]
+        existing.addFilter(RedactSecrets(settings.secrets()))
+    root.setLevel(settings.log_level.upper())
+
+
+# ==== 2. Wire types ==========================================================================================
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # deliberate: unknown OpenAI fields are ignored, not rejected
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(WireModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(WireModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoURL(WireModel):
+    url: str
+
+
+class VideoPart(WireModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(WireModel):
+    model: str | None = None  # informational: the server serves one model
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+# ==== 3. Errors ==============================================================================================
+
+
+class APIError(Exception):
+    """An error with its OpenAI shape; raise a subclass, the handler turns it into the response."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.code
+        self.headers = headers or {}
+
+
+class BadRequest(APIError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class NotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Overloaded(APIError):
+    status, type, code = 429, "rate_limit_error", "server_overloaded"
+
+
+class ModelNotReady(APIError):
+    status, type, code = 503, "service_unavailable_error", "model_not_ready"
+
+
+def make_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    body = make_error(exc.message, exc.type, exc.param, exc.code)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def to_param_path(location: tuple[int | str, ...]) -> str | None:
+    """pydantic's ("body", "messages", 1, "content") -> "messages[1].content"."""
+    path = ""
+    for part in location[1:] if location and location[0] == "body" else location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+# ==== 4. Protocol ============================================================================================
+# Pure: OpenAI JSON -> internal records -> SSE bytes. No I/O, no globals, no model.
+
+DONE = "[DONE]"
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float  # 0 means greedy
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    """What every chunk of one completion repeats."""
+
+    completion_id: str
+    created: int
+    model: str
+    include_usage: bool
+
+
+def format_event_id(session_id: str, index: int) -> str:
+    return f"{session_id}:{index}"
+
+
+def parse_event_id(text: str) -> tuple[str, int] | None:
+    """`<session_id>:<index>` -> (session_id, index), or None when malformed."""
+    session_id, sep, index = text.strip().rpartition(":")
+    if not sep or not re.fullmatch(SESSION_ID_PATTERN, session_id) or not re.fullmatch(r"\d{1,18}", index):
+        return None
+    return session_id, int(index)
+
+
+def encode_sse(data: str, event_id: str | None = None) -> bytes:
+    """One SSE event; multi-line data becomes several `data:` lines, as the SSE spec requires."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    body = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (head + body + "\n").encode()
+
+
+def make_chunk(meta: StreamMeta, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": meta.completion_id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def make_usage_chunk(meta: StreamMeta, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": meta.completion_id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage,
+    }
+
+
+def make_completion(
+    meta: StreamMeta, text: str, finish_reason: str | None, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    return {
+        "id": meta.completion_id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def fold_completion(meta: StreamMeta, event_data: list[str]) -> dict[str, Any]:
+    """The JSON answer is the fold of the stream's event payloads; an error event raises it."""
+    text, finish_reason, usage = "", None, None
+    for data in event_data:
+        if data == DONE:
+            break
+        payload = json.loads(data)
+        if "error" in payload:
+            error = payload["error"]
+            raise StreamFailed(error["message"], error["type"], error.get("code"))
+        for choice in payload["choices"]:
+            text += choice["delta"].get("content") or ""
+            finish_reason = choice["finish_reason"] or finish_reason
+        usage = payload.get("usage") or usage
+    return make_completion(meta, text, finish_reason, usage)
+
+
+class StreamFailed(APIError):
+    """Raised by the JSON fold when the stream ended with an error event."""
+
+    def __init__(self, message: str, type_: str, code: str | None) -> None:
+        super().__init__(message, code=code)
+        self.type = type_
+        self.status = 503 if type_ == ModelNotReady.type else 500
+
+
+def to_text(content: str | list[Any] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content if isinstance(part, TextPart))
+
+
+def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Wire messages -> the list `apply_chat_template` takes. Media parts are refused here until
+    a vision path exists; `developer` is OpenAI's newer name for `system`."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if not isinstance(part, TextPart):
+                    raise BadRequest(
+                        f"{part.type} parts are not supported by this server yet",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+        role = "system" if message.role == "developer" else message.role
+        out.append({"role": role, "content": to_text(message.content)})
+    return out
+
+
+def to_generation_params(request: ChatCompletionRequest, settings: Settings) -> GenerationParams:
+    if request.n != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > 4:
+        raise BadRequest("at most 4 stop sequences are allowed", param="stop")
+    temperature = settings.temperature if request.temperature is None else request.temperature
+    return GenerationParams(
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.max_tokens,
+        temperature=temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=tuple(s for s in stop if s),
+    )
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back a tail that may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.matched = False
+
+    def feed(self, text: str) -> str:
+        if self.matched:
+            return ""
+        buffer = self.pending + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.matched, self.pending = True, ""
+            return buffer[: min(hits)]
+        hold = max((n for s in self.stops for n in range(1, len(s)) if buffer.endswith(s[:n])), default=0)
+        self.pending = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold]
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+# ==== 5. Engine ==============================================================================================
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+EngineEvent = Delta | Finished
+
+
+@dataclass
+class PreparedPrompt:
+    """A templated, tokenized prompt, ready for the engine (inputs are engine-specific)."""
+
+    inputs: Any
+    prompt_tokens: int
+
+
+class Engine(Protocol):
+    """What the server needs from a model. Every method blocks: call them from worker threads."""
+
+    model_name: str
+
+    def is_loaded(self) -> bool: ...
+
+    def load_error(self) -> str | None: ...
+
+    def load(self) -> None: ...
+
+    def prepare(self, messages: list[dict[str, Any]], params: GenerationParams) -> PreparedPrompt: ...
+
+    def stream(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
+    ) -> Iterator[EngineEvent]: ...
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any  # an AutoProcessor, or the tokenizer itself for text-only models
+    tokenizer: Any
+    accepts_images: bool
+
+
+def resolve_model_source(repo_id: str) -> tuple[str, dict[str, str]]:
+    """A `.gguf` path loads from its folder with `gguf_file=`; anything else goes to from_pretrained as is."""
+    if repo_id.lower().endswith(".gguf"):
+        path = Path(repo_id).expanduser()
+        return str(path.parent), {"gguf_file": path.name}
+    return repo_id, {}
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    import transformers
+
+    source, extra = resolve_model_source(settings.model_repo_id)
+    common: dict[str, Any] = {"trust_remote_code": True, "token": settings.hf_token or None, **extra}
+    config = transformers.AutoConfig.from_pretrained(source, **common)
+    accepts_images = getattr(config, "vision_config", None) is not None
+    model_class = transformers.AutoModelForImageTextToText if accepts_images else transformers.AutoModelForCausalLM
+    device_map = None if settings.device_map.lower() == "none" else settings.device_map
+    model: Any = model_class.from_pretrained(source, dtype=settings.torch_dtype, device_map=device_map, **common)
+    model.eval()
+    processor: Any
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, **common)  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.info("AutoProcessor unavailable (%s); using AutoTokenizer", type(exc).__name__)
+        processor = transformers.AutoTokenizer.from_pretrained(source, **common)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return LoadedModel(model, processor, tokenizer, accepts_images)
+
+
+def describe_load_error(repo_id: str, exc: BaseException) -> str:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, OSError) and not Path(resolve_model_source(repo_id)[0]).exists():
+        return f"model {repo_id} could not be loaded (no network and no local copy?): {first_line}"
+    return f"model {repo_id} could not be loaded: {first_line}"
+
+
+class ModelHandle:
+    """The lazy model singleton: loaded once, under a lock, on first use; a failure is retried later."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._attempts = 0
+        self.error: str | None = None
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def get(self) -> LoadedModel:
+        if self._loaded is not None:
+            return self._loaded
+        seen_attempts = self._attempts
+        with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._attempts != seen_attempts and self.error:
+                raise ModelNotReady(self.error)  # deliberate: callers queued behind a failed load share it
+            self._attempts += 1
+            started = time.perf_counter()
+            log.info("loading model %s", self.settings.model_repo_id)
+            try:
+                self._loaded = load_model(self.settings)
+            except Exception as exc:
+                self.error = describe_load_error(self.settings.model_repo_id, exc)
+                log.error("%s", self.error)
+                raise ModelNotReady(self.error) from exc
+            self.error = None
+            log.info("model loaded in %.1f s", time.perf_counter() - started)
+            return self._loaded
+
+
+def _make_cancel_criteria(cancel: threading.Event) -> Any:
+    from transformers import StoppingCriteria
+
+    class CancelOnEvent(StoppingCriteria):  # type: ignore[misc]
+        """Stops generate at the next token once `cancel` is set."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return CancelOnEvent()
+
+
+def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    if params.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    kwargs: dict[str, Any] = {"do_sample": True, "temperature": params.temperature}
+    if params.top_p is not None:
+        kwargs["top_p"] = params.top_p
+    return kwargs
+
+
+def infer_stream(
+    loaded: LoadedModel, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
+) -> Iterator[EngineEvent]:
+    """Runs `generate` in a worker thread and yields its text deltas, then one `Finished`.
+
+    Closing the iterator early (or an exception in the caller) sets `cancel`, so generate stops at the next
+    token and the thread never outlives its reader.
+    """
+    import torch
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    streamer: Any = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    outcome: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)  # caveat: process-global; exact only with one generation at a time
+            with torch.inference_mode():
+                outcome["ids"] = loaded.model.generate(
+                    **prompt.inputs,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_make_cancel_criteria(cancel)]),
+                    max_new_tokens=params.max_new_tokens,
+                    pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
+                    **sampling_kwargs(params),
+                )
+        except BaseException as exc:
+            outcome["error"] = exc
+            streamer.end()  # deliberate: wakes the reader, which would otherwise wait forever
+
+    thread = threading.Thread(target=generate, name="generate", daemon=True)
+    thread.start()
+    try:
+        for text in streamer:
+            if text:
+                yield Delta(text)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        generated = outcome["ids"][0, prompt.prompt_tokens :].tolist()
+        yield Finished(finish_reason_of(generated, eos_ids(loaded), params, cancel), len(generated))
+    finally:
+        cancel.set()
+        thread.join(timeout=30)
+
+
+def eos_ids(loaded: LoadedModel) -> set[int]:
+    configured = loaded.model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(loaded.tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+def finish_reason_of(
+    generated: list[int], eos: set[int], params: GenerationParams, cancel: threading.Event
+) -> FinishReason:
+    if generated and generated[-1] in eos:
+        return "stop"
+    if len(generated) >= params.max_new_tokens:
+        return "length"
+    return "cancelled" if cancel.is_set() else "stop"
+
+
+class TransformersEngine:
+    """The real engine: a `ModelHandle`, chat templating, and `infer_stream`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.handle = ModelHandle(settings)
+        self.model_name = settings.model_repo_id
+
+    def is_loaded(self) -> bool:
+        return self.handle.is_loaded
+
+    def load_error(self) -> str | None:
+        return self.handle.error
+
+    def load(self) -> None:
+        self.handle.get()
+
+    def prepare(self, messages: list[dict[str, Any]], params: GenerationParams) -> PreparedPrompt:
+        import jinja2
+
+        loaded = self.handle.get()
+        try:
+            inputs = loaded.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+            raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        inputs = inputs.to(loaded.model.device)
+        return PreparedPrompt(inputs=inputs, prompt_tokens=int(inputs["input_ids"].shape[1]))
+
+    def stream(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
+    ) -> Iterator[EngineEvent]:
+        return infer_stream(self.handle.get(), prompt, params, cancel)
+
+
+# ==== 6. Sessions ============================================================================================
+
+
+class SessionState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    ENDED = (FINISHED, CANCELLED, FAILED, INTERRUPTED)
+
+
+@dataclass(frozen=True)
+class Event:
+    index: int
+    data: str  # the `data:` payload: chunk JSON, error JSON, or "[DONE]"
+
+
+class EventsGone(APIError):
+    status, type, code = 410, "invalid_request_error", "events_expired"
+
+
+class RingBuffer:
+    """The last `capacity` events of a session, addressed by their absolute index."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: list[str] = []
+        self.first_index = 0  # absolute index of _items[0]
+
+    @property
+    def next_index(self) -> int:
+        return self.first_index + len(self._items)
+
+    def append(self, data: str) -> int:
+        self._items.append(data)
+        if len(self._items) > self.capacity:
+            drop = len(self._items) - self.capacity
+            del self._items[:drop]
+            self.first_index += drop
+        return self.next_index - 1
+
+    def read_from(self, index: int) -> list[Event]:
+        """Events from `index` on; past the end, none (not yet); before the window, EventsGone."""
+        if index < self.first_index:
+            raise EventsGone(
+                f"events before index {self.first_index} are no longer held (asked from {index})",
+                param="Last-Event-ID",
+            )
+        start = index - self.first_index
+        return [Event(self.first_index + i, d) for i, d in enumerate(self._items[start:], start)]
+
+
+class Session:
+    """One generation's events and state. Written by its runner, read by any number of responses."""
+
+    def __init__(self, session_id: str, meta: StreamMeta, capacity: int) -> None:
+        self.id = session_id
+        self.meta = meta
+        self.state = SessionState.QUEUED
+        self.buffer = RingBuffer(capacity)
+        self.cancel = threading.Event()  # read by the model thread's StoppingCriteria
+        self.cancel_requested = False
+        self.created_at = time.time()
+        self.ended_at: float | None = None
+        self.readers = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def ended(self) -> bool:
+        return self.state in SessionState.ENDED
+
+    def append(self, data: str) -> int:
+        index = self.buffer.append(data)
+        self._changed.set()
+        self._changed = asyncio.Event()  # deliberate: a fresh event per append; waiters hold the old one
+        return index
+
+    def end(self, state: str) -> None:
+        self.state = state
+        self.ended_at = time.time()
+        self._changed.set()
+
+    async def wait_for_events(self, index: int, timeout_seconds: float) -> bool:
+        """Waits until an event at `index` exists or the session ends; False on timeout."""
+        changed = self._changed
+        if self.buffer.next_index > index or self.ended:
+            return True
+        try:
+            await asyncio.wait_for(changed.wait(), timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+class SessionStore:
+    """Sessions in memory, bounded in number: the oldest ended sessions go first."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+
+    def create(self, meta: StreamMeta, session_id: str | None = None) -> Session:
+        self.evict()
+        session = Session(session_id or secrets.token_hex(16), meta, self.settings.session_buffer_events)
+        self.sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}", param="session_id")
+        return session
+
+    def evict(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        ttl = self.settings.sessions_ttl_seconds
+        ended = sorted((s for s in self.sessions.values() if s.ended), key=lambda s: s.ended_at or 0)
+        expired = [s for s in ended if now - (s.ended_at or now) > ttl]
+        overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + 1)
+        for session in expired + [s for s in ended if s not in expired][:overflow]:
+            del self.sessions[session.id]
+
+
+# ==== 7. Runner ==============================================================================================
+
+
+class GenerationGate:
+    """At most `limit` generations run; at most `max_queued` more wait; past that, 429 at admission."""
+
+    def __init__(self, limit: int, max_queued: int) -> None:
+        self.limit = limit
+        self.max_queued = max_queued
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self._semaphore = asyncio.Semaphore(limit)
+
+    def admit(self) -> None:
+        if self.admitted >= self.limit + self.max_queued:
+            raise Overloaded(
+                f"server busy: {self.running} generating, {self.admitted - self.running} queued",
+                headers={"Retry-After": "1"},
+            )
+        self.admitted += 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Holds one generation slot; pairs with one `admit()`."""
+        try:
+            async with self._semaphore:
+                self.running += 1
+                try:
+                    yield
+                finally:
+                    self.running -= 1
+        finally:
+            self.admitted -= 1
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException
+
+
+async def drain_in_thread(
+    engine: Engine, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
+) -> AsyncIterator[EngineEvent]:
+    """Bridges the blocking engine iterator, run in its own thread, to async code via an asyncio.Queue."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def post(item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening anyway
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for item in engine.stream(prompt, params, cancel):
+                post(item)
+        except BaseException as exc:
+            post(_Failure(exc))
+        finally:
+            post(_END)
+
+    thread = threading.Thread(target=pump, name="engine-pump", daemon=True)
+    thread.start()
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item  # type: ignore[misc]
+    finally:
+        cancel.set()  # deliberate: a runner that stops reading must not leave generate running
+
+
+def to_error_event(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, APIError):
+        return make_error(exc.message, exc.type, exc.param, exc.code)
+    return make_error("internal error during generation", "server_error", None, "internal_error")
+
+
+async def run_generation(
+    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate
+) -> None:
+    """Drives one generation into one session: role chunk, content deltas, finish, usage, [DONE]."""
+    meta = session.meta
+    session.append(json.dumps(make_chunk(meta, {"role": "assistant", "content": ""})))
+    stop = StopMatcher(params.stop)
+    started = time.perf_counter()
+    try:
+        async with gate.slot():
+            session.state = SessionState.RUNNING
+            finished = Finished("stop", 0)
+            async for item in drain_in_thread(engine, prompt, params, session.cancel):
+                if isinstance(item, Finished):
+                    finished = item
+                    continue
+                text = stop.feed(item.text)
+                if text:
+                    session.append(json.dumps(make_chunk(meta, {"content": text})))
+                if stop.matched:
+                    session.cancel.set()  # the rest is past the stop string: stop the model too
+        tail = stop.flush()
+        if tail:
+            session.append(json.dumps(make_chunk(meta, {"content": tail})))
+        reason = "cancelled" if session.cancel_requested else ("stop" if stop.matched else finished.finish_reason)
+        session.append(json.dumps(make_chunk(meta, {}, reason)))
+        if meta.include_usage:
+            usage = make_usage(prompt.prompt_tokens, finished.completion_tokens)
+            session.append(json.dumps(make_usage_chunk(meta, usage)))
+        final_state = SessionState.CANCELLED if reason == "cancelled" else SessionState.FINISHED
+        log.info(
+            "session %s %s: %d prompt + %d completion tokens in %.2f s",
+            session.id,
+            reason,
+            prompt.prompt_tokens,
+            finished.completion_tokens,
+            time.perf_counter() - started,
+        )
+    except Exception as exc:
+        log.exception("session %s failed", session.id)
+        session.append(json.dumps(to_error_event(exc)))
+        final_state = SessionState.FAILED
+    session.append(DONE)
+    session.end(final_state)
+
+
+async def read_session(session: Session, after_index: int, keepalive_seconds: float) -> AsyncIterator[Event | None]:
+    """Events after `after_index` to the end of the session; None when `keepalive_seconds` pass without one."""
+    index = after_index + 1
+    session.readers += 1
+    try:
+        while True:
+            for event in session.buffer.read_from(index):
+                yield event
+                index = event.index + 1
+            if session.ended and index >= session.buffer.next_index:
+                return
+            if not await session.wait_for_events(index, keepalive_seconds):
+                yield None
+    finally:
+        session.readers -= 1
+
+
+async def sse_body(session: Session, after_index: int, keepalive_seconds: float) -> AsyncIterator[bytes]:
+    async for event in read_session(session, after_index, keepalive_seconds):
+        if event is None:
+            yield KEEPALIVE_COMMENT
+        else:
+            yield encode_sse(event.data, format_event_id(session.id, event.index))
+
+
+async def collect_completion(session: Session) -> dict[str, Any]:
+    data = [event.data async for event in read_session(session, -1, 3600.0) if event is not None]
+    return fold_completion(session.meta, data)
+
+
+# ==== 8. HTTP ================================================================================================
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    gate: GenerationGate
+    store: SessionStore
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)  # deliberate: keep a reference, or the task may be collected mid-run
+        task.add_done_callback(self.tasks.discard)
+
+
+async def start_chat(state: AppState, request: ChatCompletionRequest) -> Session:
+    """Validates, loads, templates and admits one request, then starts its runner. Raises APIError."""
+    params = to_generation_params(request, state.settings)
+    messages = to_template_messages(request.messages)
+    await asyncio.to_thread(state.engine.load)  # a cold load never blocks the event loop
+    prompt = await asyncio.to_thread(state.engine.prepare, messages, params)
+    state.gate.admit()
+    include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
+    meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
+    session = state.store.create(meta)
+    log.info("session %s started: %d prompt tokens, stream=%s", session.id, prompt.prompt_tokens, request.stream)
+    state.spawn(run_generation(session, state.engine, prompt, params, state.gate))
+    return session
+
+
+def sse_response(state: AppState, session: Session, after_index: int) -> StreamingResponse:
+    headers = {"X-Session-Id": session.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    body = sse_body(session, after_index, state.settings.keepalive_seconds)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        first = exc.errors()[0]
+        param = to_param_path(tuple(first.get("loc", ())))
+        return error_response(BadRequest(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "not_found" if exc.status_code == 404 else "http_error"
+        body = make_error(str(exc.detail), "invalid_request_error", None, kind)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        body = make_error("internal server error", "server_error", None, "internal_error")
+        return JSONResponse(body, status_code=500)
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Builds the app; does no I/O. The model loads on first use, or in the lifespan with PRELOAD_MODEL=1."""
+    engine = engine or TransformersEngine(settings)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        gate=GenerationGate(settings.max_concurrent_generations, settings.max_queued_requests),
+        store=SessionStore(settings),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings)
+        log.info("serving %s on %s:%d", settings.model_repo_id, settings.host, settings.port)
+        if settings.preload_model:
+            state.spawn(preload(state.engine))
+        yield
+        for session in state.store.sessions.values():
+            session.cancel.set()
+
+    app = FastAPI(title="llm-server", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        session = await start_chat(state, body)
+        if body.stream:
+            return sse_response(state, session, -1)
+        return JSONResponse(await collect_completion(session), headers={"X-Session-Id": session.id})
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        model = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "local"}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": engine.model_name,
+            "model_loaded": engine.is_loaded(),
+            "model_error": engine.load_error(),
+            "generations_running": state.gate.running,
+            "generations_queued": state.gate.admitted - state.gate.running,
+            "sessions": len(state.store.sessions),
+        }
+
+    @app.get("/health/live")
+    async def health_live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def health_ready() -> dict[str, str]:
+        if not engine.is_loaded():
+            raise ModelNotReady(engine.load_error() or f"model {engine.model_name} is not loaded yet")
+        return {"status": "ready"}
+
+    return app
+
+
+async def preload(engine: Engine) -> None:
+    with contextlib.suppress(ModelNotReady):  # logged by the handle; retried on the first request
+        await asyncio.to_thread(engine.load)
+
+
+# ==== 9. Entrypoint ==========================================================================================
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = Settings.from_env(os.environ, Path(".env"))
+    configure_logging(settings)  # before uvicorn starts, so its own records pass through the redaction too
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+app = create_app(Settings.from_env(os.environ, Path(".env")))  # builds objects only: no I/O, no model
+
+if __name__ == "__main__":
+    main()

