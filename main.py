@@ -30,8 +30,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -235,6 +237,7 @@ class ChatCompletionRequest(WireModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)  # ours: names the session to attach
 
 
 # ==== 3. Errors ==============================================================================================
@@ -272,6 +275,10 @@ class NotFound(APIError):
 
 class Overloaded(APIError):
     status, type, code = 429, "rate_limit_error", "server_overloaded"
+
+
+class EventsGone(APIError):
+    status, type, code = 410, "invalid_request_error", "events_expired"
 
 
 class ModelNotReady(APIError):
@@ -332,6 +339,23 @@ def parse_event_id(text: str) -> tuple[str, int] | None:
     if not sep or not re.fullmatch(SESSION_ID_PATTERN, session_id) or not re.fullmatch(r"\d{1,18}", index):
         return None
     return session_id, int(index)
+
+
+def parse_resume_point(header: str | None, query: str | None) -> tuple[str, int] | None:
+    """The `Last-Event-ID` header (or `?last_event_id=`) -> (session_id, index); None when neither is given."""
+    raw = header if header is not None else query
+    if raw is None:
+        return None
+    point = parse_event_id(raw)
+    if point is None:
+        raise BadRequest(f"malformed Last-Event-ID {raw[:200]!r}: expected <session_id>:<index>", param="Last-Event-ID")
+    return point
+
+
+def make_interrupted_error() -> dict[str, Any]:
+    return make_error(
+        "the generation was interrupted: the server stopped before it finished", "server_error", None, "interrupted"
+    )
 
 
 def encode_sse(data: str, event_id: str | None = None) -> bytes:
@@ -745,10 +769,6 @@ class Event:
     data: str  # the `data:` payload: chunk JSON, error JSON, or "[DONE]"
 
 
-class EventsGone(APIError):
-    status, type, code = 410, "invalid_request_error", "events_expired"
-
-
 class RingBuffer:
     """The last `capacity` events of a session, addressed by their absolute index."""
 
@@ -780,20 +800,213 @@ class RingBuffer:
         return [Event(self.first_index + i, d) for i, d in enumerate(self._items[start:], start)]
 
 
+JOURNAL_MIGRATIONS = [
+    # 1: sessions and their events; an event row is written once and never changed
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, state TEXT NOT NULL, meta TEXT NOT NULL, request TEXT NOT NULL,
+        created_at REAL NOT NULL, ended_at REAL
+    );
+    CREATE TABLE events (
+        session_id TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_ended_at ON sessions (ended_at);
+    """,
+]
+JOURNAL_BATCH_MAX_OPS = 1024
+
+
+def migrate_journal(conn: sqlite3.Connection) -> int:
+    """Brings the schema to the newest version (`PRAGMA user_version` counts the migrations applied)."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    for number, script in enumerate(JOURNAL_MIGRATIONS[version:], version + 1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    return len(JOURNAL_MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    id: str
+    state: str
+    meta: StreamMeta
+    created_at: float
+    ended_at: float | None
+    events: list[Event]
+
+
+class SqliteJournal:
+    """Sessions and events in SQLite (WAL). Writes are queued and committed in batches by one writer thread, so
+    the token stream never waits on the disk; reads use their own connection. A failed write disables the
+    journal (logged, reported by /health) instead of failing requests."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path = path.expanduser()
+        self.error: str | None = None
+        self._read_lock = threading.Lock()
+        self._reader = self._connect(path)
+        migrate_journal(self._reader)
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a power cut may lose the last batch, never corrupt
+        return conn
+
+    # -- writes: queued, never blocking the caller --
+
+    def _put(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self.error is None:
+            self._queue.put((sql, params))
+
+    def record_session(self, session_id: str, meta: StreamMeta, request_json: str, created_at: float) -> None:
+        meta_json = json.dumps(meta.__dict__)
+        self._put(
+            "INSERT OR REPLACE INTO sessions (id, state, meta, request, created_at) VALUES (?, ?, ?, ?, ?)",
+            (session_id, SessionState.QUEUED, meta_json, request_json, created_at),
+        )
+
+    def record_event(self, session_id: str, index: int, data: str) -> None:
+        self._put("INSERT OR REPLACE INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, index, data))
+
+    def record_state(self, session_id: str, state: str, ended_at: float | None) -> None:
+        self._put("UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?", (state, ended_at, session_id))
+
+    def _write_loop(self) -> None:
+        conn = self._connect(self.path)
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                if self.error is None:
+                    self._commit(conn, [op for op in batch if op is not None])
+            except sqlite3.Error as exc:
+                self.error = f"session journal {self.path} failed: {exc}"
+                log.error("%s; serving goes on without persistence", self.error)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch:
+                conn.close()
+                return
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+        conn.execute("BEGIN")
+        try:
+            for sql, params in ops:
+                conn.execute(sql, params)
+        except BaseException:
+            conn.execute("ROLLBACK")  # deliberate: no half-written batch
+            raise
+        conn.execute("COMMIT")
+
+    def flush(self) -> None:
+        """Blocks until every queued write is committed (or dropped after a failure)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        with self._read_lock:
+            self._reader.close()
+
+    # -- reads and maintenance: blocking, call from worker threads --
+
+    def load_session(self, session_id: str) -> StoredSession | None:
+        self.flush()
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT id, state, meta, created_at, ended_at FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            events = self._reader.execute(
+                "SELECT idx, data FROM events WHERE session_id = ? ORDER BY idx", (session_id,)
+            ).fetchall()
+        return StoredSession(
+            row[0], row[1], StreamMeta(**json.loads(row[2])), row[3], row[4], [Event(*e) for e in events]
+        )
+
+    def read_events(self, session_id: str, start: int, stop: int) -> list[Event]:
+        """Events with start <= index < stop."""
+        self.flush()
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT idx, data FROM events WHERE session_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                (session_id, start, stop),
+            ).fetchall()
+        return [Event(*row) for row in rows]
+
+    def recover_interrupted(self, now: float) -> list[str]:
+        """Sessions left queued/running by a server that died: journal the interrupted error and [DONE]."""
+        with self._read_lock:
+            conn = self._reader
+            rows = conn.execute(
+                "SELECT id FROM sessions WHERE state IN (?, ?)", (SessionState.QUEUED, SessionState.RUNNING)
+            )
+            ids = [row[0] for row in rows.fetchall()]
+            conn.execute("BEGIN")
+            for session_id in ids:
+                (last,) = conn.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
+                tail = [json.dumps(make_interrupted_error()), DONE]
+                for offset, data in enumerate(tail, 0 if last is None else last + 1):
+                    conn.execute(
+                        "INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, offset, data)
+                    )
+                conn.execute(
+                    "UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?",
+                    (SessionState.INTERRUPTED, now, session_id),
+                )
+            conn.execute("COMMIT")
+        return ids
+
+    def delete_ended_before(self, cutoff: float) -> int:
+        self.flush()
+        with self._read_lock:
+            conn = self._reader
+            ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE ended_at < ?", (cutoff,)).fetchall()]
+            conn.execute("BEGIN")
+            conn.executemany("DELETE FROM events WHERE session_id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
+            conn.execute("COMMIT")
+        return len(ids)
+
+    def count_sessions(self) -> int:
+        with self._read_lock:
+            return int(self._reader.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
+
 class Session:
     """One generation's events and state. Written by its runner, read by any number of responses."""
 
-    def __init__(self, session_id: str, meta: StreamMeta, capacity: int) -> None:
+    def __init__(self, session_id: str, meta: StreamMeta, capacity: int, journal: SqliteJournal | None = None) -> None:
         self.id = session_id
         self.meta = meta
         self.state = SessionState.QUEUED
         self.buffer = RingBuffer(capacity)
+        self.journal = journal
         self.cancel = threading.Event()  # read by the model thread's StoppingCriteria
         self.cancel_requested = False
+        self.cancelled = asyncio.Event()  # wakes a runner still waiting for a generation slot
         self.created_at = time.time()
         self.ended_at: float | None = None
         self.readers = 0
+        self.detached_at: float | None = None  # loop time when the last reader left a running session
         self._changed = asyncio.Event()
+
+    @classmethod
+    def restore(cls, stored: StoredSession, capacity: int, journal: SqliteJournal) -> Session:
+        session = cls(stored.id, stored.meta, capacity, journal)
+        for event in stored.events:
+            session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
+        session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
+        return session
 
     @property
     def ended(self) -> bool:
@@ -801,14 +1014,27 @@ class Session:
 
     def append(self, data: str) -> int:
         index = self.buffer.append(data)
-        self._changed.set()
-        self._changed = asyncio.Event()  # deliberate: a fresh event per append; waiters hold the old one
+        if self.journal is not None:
+            self.journal.record_event(self.id, index, data)
+        self._notify()
         return index
 
-    def end(self, state: str) -> None:
-        self.state = state
-        self.ended_at = time.time()
+    def _notify(self) -> None:
         self._changed.set()
+        self._changed = asyncio.Event()  # deliberate: a fresh event per change; waiters hold the old one
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if state in SessionState.ENDED:
+            self.ended_at = time.time()
+        if self.journal is not None:
+            self.journal.record_state(self.id, state, self.ended_at)
+        self._notify()
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self.cancel.set()
+        self.cancelled.set()
 
     async def wait_for_events(self, index: int, timeout_seconds: float) -> bool:
         """Waits until an event at `index` exists or the session ends; False on timeout."""
@@ -821,32 +1047,61 @@ class Session:
             return False
         return True
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.session",
+            "state": self.state,
+            "created": int(self.created_at),
+            "events": self.buffer.next_index,
+            "readers": self.readers,
+        }
+
 
 class SessionStore:
-    """Sessions in memory, bounded in number: the oldest ended sessions go first."""
+    """Sessions in memory, bounded in number (the oldest ended go first), backed by the journal when enabled."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sessions: dict[str, Session] = {}
+        self.journal: SqliteJournal | None = None
 
-    def create(self, meta: StreamMeta, session_id: str | None = None) -> Session:
-        self.evict()
+    def create(self, meta: StreamMeta, session_id: str | None, request_json: str) -> Session:
+        self.evict(room=1)
         session = Session(session_id or secrets.token_hex(16), meta, self.settings.session_buffer_events)
+        if self.journal is not None and self.journal.error is None:
+            session.journal = self.journal
+            self.journal.record_session(session.id, meta, request_json, session.created_at)
         self.sessions[session.id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
+    async def find(self, session_id: str) -> Session | None:
+        """From memory, else from the journal (a session from before a restart, or evicted from memory)."""
         session = self.sessions.get(session_id)
+        if session is not None or self.journal is None or self.journal.error is not None:
+            return session
+        stored = await asyncio.to_thread(self.journal.load_session, session_id)
+        if stored is None:
+            return None
+        session = self.sessions.get(session_id) or Session.restore(
+            stored, self.settings.session_buffer_events, self.journal
+        )
+        self.sessions[session_id] = session
+        return session
+
+    async def get(self, session_id: str) -> Session:
+        session = await self.find(session_id)
         if session is None:
             raise NotFound(f"no session {session_id!r}", param="session_id")
         return session
 
-    def evict(self, now: float | None = None) -> None:
+    def evict(self, now: float | None = None, room: int = 0) -> None:
+        """Drops expired ended sessions, then the oldest ended ones until `room` more fit under the cap."""
         now = time.time() if now is None else now
         ttl = self.settings.sessions_ttl_seconds
         ended = sorted((s for s in self.sessions.values() if s.ended), key=lambda s: s.ended_at or 0)
         expired = [s for s in ended if now - (s.ended_at or now) > ttl]
-        overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + 1)
+        overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + room)
         for session in expired + [s for s in ended if s not in expired][:overflow]:
             del self.sessions[session.id]
 
@@ -873,15 +1128,29 @@ class GenerationGate:
         self.admitted += 1
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Holds one generation slot; pairs with one `admit()`."""
+    async def slot(self, give_up: asyncio.Event) -> AsyncIterator[bool]:
+        """Holds one generation slot (yields True), or yields False if `give_up` is set while waiting.
+        Pairs with one `admit()`."""
         try:
-            async with self._semaphore:
-                self.running += 1
-                try:
-                    yield
-                finally:
-                    self.running -= 1
+            acquire = asyncio.ensure_future(self._semaphore.acquire())
+            waiter = asyncio.ensure_future(give_up.wait())
+            await asyncio.wait({acquire, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            acquired = acquire.done() and not acquire.cancelled()
+            if not acquired:
+                acquire.cancel()
+            elif give_up.is_set():
+                self._semaphore.release()
+                acquired = False
+            if not acquired:
+                yield False
+                return
+            self.running += 1
+            try:
+                yield True
+            finally:
+                self.running -= 1
+                self._semaphore.release()
         finally:
             self.admitted -= 1
 
@@ -899,11 +1168,11 @@ async def drain_in_thread(
 ) -> AsyncIterator[EngineEvent]:
     """Bridges the blocking engine iterator, run in its own thread, to async code via an asyncio.Queue."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    events: asyncio.Queue[object] = asyncio.Queue()
 
     def post(item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening anyway
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
     def pump() -> None:
         try:
@@ -917,7 +1186,7 @@ async def drain_in_thread(
     thread = threading.Thread(target=pump, name="engine-pump", daemon=True)
     thread.start()
     try:
-        while (item := await queue.get()) is not _END:
+        while (item := await events.get()) is not _END:
             if isinstance(item, _Failure):
                 raise item.exc
             yield item  # type: ignore[misc]
@@ -931,40 +1200,51 @@ def to_error_event(exc: BaseException) -> dict[str, Any]:
     return make_error("internal error during generation", "server_error", None, "internal_error")
 
 
+async def generate_into(
+    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate
+) -> Finished:
+    """Waits for a slot, then appends content chunks; returns how it finished. Stop strings end it early."""
+    meta, stop = session.meta, StopMatcher(params.stop)
+    finished = Finished("cancelled", 0)
+    async with gate.slot(session.cancelled) as acquired:
+        if not acquired:
+            return finished  # cancelled while queued: the model never ran
+        session.set_state(SessionState.RUNNING)
+        async for item in drain_in_thread(engine, prompt, params, session.cancel):
+            if isinstance(item, Finished):
+                finished = item
+                continue
+            text = stop.feed(item.text)
+            if text:
+                session.append(json.dumps(make_chunk(meta, {"content": text})))
+            if stop.matched:
+                session.cancel.set()  # the rest is past the stop string: stop the model too
+    tail = stop.flush()
+    if tail:
+        session.append(json.dumps(make_chunk(meta, {"content": tail})))
+    if session.cancel_requested:
+        return Finished("cancelled", finished.completion_tokens)
+    return Finished("stop", finished.completion_tokens) if stop.matched else finished
+
+
 async def run_generation(
     session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate
 ) -> None:
     """Drives one generation into one session: role chunk, content deltas, finish, usage, [DONE]."""
-    meta = session.meta
+    meta, started = session.meta, time.perf_counter()
     session.append(json.dumps(make_chunk(meta, {"role": "assistant", "content": ""})))
-    stop = StopMatcher(params.stop)
-    started = time.perf_counter()
     try:
-        async with gate.slot():
-            session.state = SessionState.RUNNING
-            finished = Finished("stop", 0)
-            async for item in drain_in_thread(engine, prompt, params, session.cancel):
-                if isinstance(item, Finished):
-                    finished = item
-                    continue
-                text = stop.feed(item.text)
-                if text:
-                    session.append(json.dumps(make_chunk(meta, {"content": text})))
-                if stop.matched:
-                    session.cancel.set()  # the rest is past the stop string: stop the model too
-        tail = stop.flush()
-        if tail:
-            session.append(json.dumps(make_chunk(meta, {"content": tail})))
-        reason = "cancelled" if session.cancel_requested else ("stop" if stop.matched else finished.finish_reason)
-        session.append(json.dumps(make_chunk(meta, {}, reason)))
+        finished = await generate_into(session, engine, prompt, params, gate)
+        session.append(json.dumps(make_chunk(meta, {}, finished.finish_reason)))
         if meta.include_usage:
             usage = make_usage(prompt.prompt_tokens, finished.completion_tokens)
             session.append(json.dumps(make_usage_chunk(meta, usage)))
-        final_state = SessionState.CANCELLED if reason == "cancelled" else SessionState.FINISHED
+        cancelled = finished.finish_reason == "cancelled"
+        final_state = SessionState.CANCELLED if cancelled else SessionState.FINISHED
         log.info(
             "session %s %s: %d prompt + %d completion tokens in %.2f s",
             session.id,
-            reason,
+            finished.finish_reason,
             prompt.prompt_tokens,
             finished.completion_tokens,
             time.perf_counter() - started,
@@ -974,16 +1254,59 @@ async def run_generation(
         session.append(json.dumps(to_error_event(exc)))
         final_state = SessionState.FAILED
     session.append(DONE)
-    session.end(final_state)
+    session.set_state(final_state)
 
 
-async def read_session(session: Session, after_index: int, keepalive_seconds: float) -> AsyncIterator[Event | None]:
+class DisconnectWatch:
+    """Cancels a running session once nobody has read it for `grace_seconds` (0 disables). A reader that
+    comes back before then resets the clock."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.auto_cancels = 0
+
+    def attach(self, session: Session) -> None:
+        session.readers += 1
+        session.detached_at = None
+
+    def detach(self, session: Session) -> None:
+        session.readers -= 1
+        if session.readers > 0 or session.ended or self.grace_seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        session.detached_at = detached_at = loop.time()
+        loop.call_later(self.grace_seconds, self._expire, session, detached_at)
+
+    def _expire(self, session: Session, detached_at: float) -> None:
+        if session.readers == 0 and not session.ended and session.detached_at == detached_at:
+            log.info("session %s: no reader for %.1f s, cancelling", session.id, self.grace_seconds)
+            self.auto_cancels += 1
+            session.request_cancel()
+
+
+async def read_events(session: Session, start: int) -> list[Event]:
+    """Events from `start` on: from the ring buffer, or from the journal for what the ring has dropped."""
+    try:
+        return session.buffer.read_from(start)
+    except EventsGone:
+        if session.journal is None or session.journal.error is not None:
+            raise
+        stop = session.buffer.first_index
+        older = await asyncio.to_thread(session.journal.read_events, session.id, start, stop)
+        if [e.index for e in older] != list(range(start, stop)):
+            raise
+        return older + session.buffer.read_from(stop)
+
+
+async def read_session(
+    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch
+) -> AsyncIterator[Event | None]:
     """Events after `after_index` to the end of the session; None when `keepalive_seconds` pass without one."""
     index = after_index + 1
-    session.readers += 1
+    watch.attach(session)
     try:
         while True:
-            for event in session.buffer.read_from(index):
+            for event in await read_events(session, index):
                 yield event
                 index = event.index + 1
             if session.ended and index >= session.buffer.next_index:
@@ -991,23 +1314,32 @@ async def read_session(session: Session, after_index: int, keepalive_seconds: fl
             if not await session.wait_for_events(index, keepalive_seconds):
                 yield None
     finally:
-        session.readers -= 1
+        watch.detach(session)
 
 
-async def sse_body(session: Session, after_index: int, keepalive_seconds: float) -> AsyncIterator[bytes]:
-    async for event in read_session(session, after_index, keepalive_seconds):
-        if event is None:
-            yield KEEPALIVE_COMMENT
-        else:
-            yield encode_sse(event.data, format_event_id(session.id, event.index))
+async def sse_body(
+    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch
+) -> AsyncIterator[bytes]:
+    try:
+        async for event in read_session(session, after_index, keepalive_seconds, watch):
+            if event is None:
+                yield KEEPALIVE_COMMENT
+            else:
+                yield encode_sse(event.data, format_event_id(session.id, event.index))
+    except APIError as exc:  # headers are sent: the error becomes the stream's last events
+        yield encode_sse(json.dumps(make_error(exc.message, exc.type, exc.param, exc.code)))
+        yield encode_sse(DONE)
 
 
-async def collect_completion(session: Session) -> dict[str, Any]:
-    data = [event.data async for event in read_session(session, -1, 3600.0) if event is not None]
+async def collect_completion(session: Session, watch: DisconnectWatch) -> dict[str, Any]:
+    data = [event.data async for event in read_session(session, -1, 3600.0, watch) if event is not None]
     return fold_completion(session.meta, data)
 
 
 # ==== 8. HTTP ================================================================================================
+
+SWEEP_INTERVAL_SECONDS = 60.0
+CANCEL_WAIT_SECONDS = 30.0
 
 
 @dataclass
@@ -1016,6 +1348,8 @@ class AppState:
     engine: Engine
     gate: GenerationGate
     store: SessionStore
+    watch: DisconnectWatch
+    journal_error: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Any) -> None:
@@ -1023,26 +1357,85 @@ class AppState:
         self.tasks.add(task)  # deliberate: keep a reference, or the task may be collected mid-run
         task.add_done_callback(self.tasks.discard)
 
+    def persistence(self) -> str:
+        journal = self.store.journal
+        if not self.settings.persist_sessions:
+            return "off"
+        error = self.journal_error or (journal.error if journal else None)
+        return f"failed: {error}" if error else "ok"
+
 
 async def start_chat(state: AppState, request: ChatCompletionRequest) -> Session:
     """Validates, loads, templates and admits one request, then starts its runner. Raises APIError."""
+    if request.session_id and (existing := await state.store.find(request.session_id)):
+        return existing  # an SDK retry of a named session attaches to it: never generate twice
     params = to_generation_params(request, state.settings)
     messages = to_template_messages(request.messages)
     await asyncio.to_thread(state.engine.load)  # a cold load never blocks the event loop
     prompt = await asyncio.to_thread(state.engine.prepare, messages, params)
+    if request.session_id and (existing := state.store.sessions.get(request.session_id)):
+        return existing  # created by a concurrent request while we prepared (no await from here to create)
     state.gate.admit()
     include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
     meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
-    session = state.store.create(meta)
+    session = state.store.create(meta, request.session_id, request.model_dump_json())
     log.info("session %s started: %d prompt tokens, stream=%s", session.id, prompt.prompt_tokens, request.stream)
     state.spawn(run_generation(session, state.engine, prompt, params, state.gate))
     return session
 
 
+async def parse_chat_request(request: Request) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate_json(await request.body() or b"{}")
+
+
 def sse_response(state: AppState, session: Session, after_index: int) -> StreamingResponse:
+    if after_index + 1 < session.buffer.first_index and session.journal is None:
+        session.buffer.read_from(after_index + 1)  # raises EventsGone (410) while we can still send a status
     headers = {"X-Session-Id": session.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    body = sse_body(session, after_index, state.settings.keepalive_seconds)
+    body = sse_body(session, after_index, state.settings.keepalive_seconds, state.watch)
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+
+async def cancel_session(state: AppState, session_id: str) -> dict[str, Any]:
+    """Stops the generation at its next token; answers once the session has ended."""
+    session = await state.store.get(session_id)
+    already_ended = session.ended
+    if not already_ended:
+        session.request_cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait_until_ended(session), CANCEL_WAIT_SECONDS)
+    return {**session.describe(), "already_ended": already_ended}
+
+
+async def wait_until_ended(session: Session) -> None:
+    while not session.ended:
+        await session.wait_for_events(session.buffer.next_index, 1.0)
+
+
+async def open_journal(state: AppState) -> None:
+    path = Path(state.settings.sessions_db_path)
+    try:
+        journal = await asyncio.to_thread(SqliteJournal, path)
+        interrupted = await asyncio.to_thread(journal.recover_interrupted, time.time())
+    except (sqlite3.Error, OSError) as exc:
+        state.journal_error = f"session journal {path} could not be opened: {exc}"
+        log.error("%s; serving goes on without persistence", state.journal_error)
+        return
+    state.store.journal = journal
+    log.info("session journal %s open; %d interrupted session(s) recovered", path, len(interrupted))
+
+
+async def sweep_sessions(state: AppState) -> None:
+    """Forgets expired sessions, in memory and in the journal."""
+    interval = min(SWEEP_INTERVAL_SECONDS, state.settings.sessions_ttl_seconds / 2)
+    while True:
+        await asyncio.sleep(interval)
+        state.store.evict()
+        journal = state.store.journal
+        if journal is not None and journal.error is None:
+            cutoff = time.time() - state.settings.sessions_ttl_seconds
+            with contextlib.suppress(sqlite3.Error):
+                await asyncio.to_thread(journal.delete_ended_before, cutoff)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -1069,40 +1462,70 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Builds the app; does no I/O. The model loads on first use, or in the lifespan with PRELOAD_MODEL=1."""
+    """Builds the app; does no I/O. The model loads on first use (or in the lifespan with PRELOAD_MODEL=1);
+    the journal opens in the lifespan."""
     engine = engine or TransformersEngine(settings)
     state = AppState(
         settings=settings,
         engine=engine,
         gate=GenerationGate(settings.max_concurrent_generations, settings.max_queued_requests),
         store=SessionStore(settings),
+        watch=DisconnectWatch(settings.cancel_after_disconnect_seconds),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings)
         log.info("serving %s on %s:%d", settings.model_repo_id, settings.host, settings.port)
+        if settings.persist_sessions:
+            await open_journal(state)
         if settings.preload_model:
             state.spawn(preload(state.engine))
+        state.spawn(sweep_sessions(state))
         yield
+        for task in list(state.tasks):
+            task.cancel()
         for session in state.store.sessions.values():
             session.cancel.set()
+        if state.store.journal is not None:
+            await asyncio.to_thread(state.store.journal.close)
 
     app = FastAPI(title="llm-server", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: Request, last_event_id: str | None = None) -> Response:
+        resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
+        if resume is not None:  # the body is not run again: this only reads the session
+            return sse_response(state, await state.store.get(resume[0]), resume[1])
+        body = await parse_chat_request(request)
         session = await start_chat(state, body)
         if body.stream:
             return sse_response(state, session, -1)
-        return JSONResponse(await collect_completion(session), headers={"X-Session-Id": session.id})
+        completion = await collect_completion(session, state.watch)
+        return JSONResponse(completion, headers={"X-Session-Id": session.id})
+
+    @app.get("/v1/sessions/{session_id}/events", response_model=None)
+    async def session_events(session_id: str, request: Request, last_event_id: str | None = None) -> Response:
+        resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
+        if resume is not None and resume[0] != session_id:
+            raise BadRequest("Last-Event-ID names another session", param="Last-Event-ID")
+        return sse_response(state, await state.store.get(session_id), resume[1] if resume else -1)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session_info(session_id: str) -> dict[str, Any]:
+        return (await state.store.get(session_id)).describe()
+
+    @app.post("/v1/cancel/{session_id}")
+    async def cancel(session_id: str) -> dict[str, Any]:
+        return await cancel_session(state, session_id)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -1119,6 +1542,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "generations_running": state.gate.running,
             "generations_queued": state.gate.admitted - state.gate.running,
             "sessions": len(state.store.sessions),
+            "persistence": state.persistence(),
         }
 
     @app.get("/health/live")
@@ -1129,7 +1553,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def health_ready() -> dict[str, str]:
         if not engine.is_loaded():
             raise ModelNotReady(engine.load_error() or f"model {engine.model_name} is not loaded yet")
-        return {"status": "ready"}
+        return {"status": "ready", "persistence": state.persistence()}
 
     return app
 
@@ -1147,7 +1571,9 @@ def main() -> None:
 
     settings = Settings.from_env(os.environ, Path(".env"))
     configure_logging(settings)  # before uvicorn starts, so its own records pass through the redaction too
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10
+    )
 
 
 app = create_app(Settings.from_env(os.environ, Path(".env")))  # builds objects only: no I/O, no model

@@ -163,7 +163,7 @@ def test_failed_load_is_503_with_the_reason_and_retried() -> None:
     }
     assert ready.status_code == 503
     assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"] == "ok"
-    assert ready_after.status_code == 200 and ready_after.json() == {"status": "ready"}
+    assert ready_after.status_code == 200 and ready_after.json() == {"status": "ready", "persistence": "off"}
 
 
 def test_engine_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:

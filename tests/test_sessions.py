@@ -1,0 +1,152 @@
+"""Sessions and the SQLite journal, without HTTP: ring buffer, store bounds, journal round trip, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+import main
+from conftest import make_settings
+
+META = main.StreamMeta(completion_id="chatcmpl-1", created=1700000000, model="m", include_usage=False)
+
+
+def test_journal_round_trip(tmp_path: Path) -> None:
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("abc", META, '{"messages": []}', 1700000000.5)
+    for index, data in enumerate(['{"a": 1}', '{"b": 2}', main.DONE]):
+        journal.record_event("abc", index, data)
+    journal.record_state("abc", main.SessionState.FINISHED, 1700000001.0)
+    stored = journal.load_session("abc")
+    assert stored == main.StoredSession(
+        id="abc",
+        state="finished",
+        meta=META,
+        created_at=1700000000.5,
+        ended_at=1700000001.0,
+        events=[main.Event(0, '{"a": 1}'), main.Event(1, '{"b": 2}'), main.Event(2, "[DONE]")],
+    )
+    assert journal.read_events("abc", 1, 2) == [main.Event(1, '{"b": 2}')]
+    assert journal.load_session("nope") is None
+    journal.close()
+
+
+def test_journal_schema_version_and_wal(tmp_path: Path) -> None:
+    main.SqliteJournal(tmp_path / "s.db").close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(main.JOURNAL_MIGRATIONS),)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert main.migrate_journal(conn) == len(main.JOURNAL_MIGRATIONS)  # idempotent on an up-to-date file
+
+
+def test_recover_interrupted_appends_the_error_and_done(tmp_path: Path) -> None:
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("run", META, "{}", 1.0)
+    journal.record_event("run", 0, '{"role": 1}')
+    journal.record_event("run", 1, '{"content": 2}')
+    journal.record_state("run", main.SessionState.RUNNING, None)
+    journal.record_session("queued", META, "{}", 1.0)
+    journal.record_session("done", META, "{}", 1.0)
+    journal.record_event("done", 0, main.DONE)
+    journal.record_state("done", main.SessionState.FINISHED, 2.0)
+    journal.flush()
+    assert sorted(journal.recover_interrupted(now=5.0)) == ["queued", "run"]
+    run = journal.load_session("run")
+    assert run is not None and run.state == "interrupted" and run.ended_at == 5.0
+    assert [e.index for e in run.events] == [0, 1, 2, 3]
+    assert json.loads(run.events[2].data) == main.make_interrupted_error()
+    assert run.events[3].data == main.DONE
+    queued = journal.load_session("queued")
+    assert queued is not None and [e.index for e in queued.events] == [0, 1]
+    done = journal.load_session("done")
+    assert done is not None and done.state == "finished" and len(done.events) == 1
+    journal.close()
+
+
+def test_delete_ended_before_removes_sessions_and_events(tmp_path: Path) -> None:
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    for name, ended in (("old", 10.0), ("new", 100.0)):
+        journal.record_session(name, META, "{}", 1.0)
+        journal.record_event(name, 0, main.DONE)
+        journal.record_state(name, main.SessionState.FINISHED, ended)
+    journal.record_session("running", META, "{}", 1.0)
+    assert journal.delete_ended_before(50.0) == 1
+    assert journal.load_session("old") is None
+    assert journal.read_events("old", 0, 10) == []
+    assert journal.load_session("new") is not None and journal.count_sessions() == 2
+    journal.close()
+
+
+def test_a_failed_write_disables_the_journal_instead_of_raising(tmp_path: Path) -> None:
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_event("x", 0, "a")
+    journal._put("INSERT INTO missing_table VALUES (?)", (1,))
+    journal.flush()
+    assert journal.error is not None and "missing_table" in journal.error
+    journal.record_event("x", 5, "after")  # dropped, not raised
+    journal.close()
+
+
+def test_store_evicts_expired_then_oldest_ended_never_running() -> None:
+    async def scenario() -> list[str]:
+        store = main.SessionStore(make_settings(max_sessions=3, sessions_ttl_seconds=100))
+        sessions = [store.create(META, f"s{i}", "{}") for i in range(3)]
+        now = time.time()
+        sessions[0].set_state(main.SessionState.FINISHED)
+        sessions[0].ended_at = now - 50
+        sessions[1].set_state(main.SessionState.RUNNING)
+        sessions[2].set_state(main.SessionState.FINISHED)
+        sessions[2].ended_at = now - 20
+        store.evict(now=now)  # nothing expired and 3 sessions fit the cap of 3
+        assert sorted(store.sessions) == ["s0", "s1", "s2"]
+        store.create(META, "s3", "{}")  # at the cap: the oldest ended (s0) goes
+        assert sorted(store.sessions) == ["s1", "s2", "s3"]
+        store.evict(now=now + 90)  # s2 expired (ended 110 s before > ttl 100); s1 runs, s3 is new
+        return sorted(store.sessions)
+
+    assert asyncio.run(scenario()) == ["s1", "s3"]
+
+
+def test_session_restore_rebuilds_the_ring_without_journaling_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        events = [main.Event(i, f"e{i}") for i in range(20)]
+        stored = main.StoredSession("r", "finished", META, 1.0, 2.0, events)
+        session = main.Session.restore(stored, capacity=16, journal=journal)
+        assert (session.buffer.first_index, session.buffer.next_index) == (4, 20)
+        assert session.ended and session.state == "finished"
+        journal.flush()
+        assert journal.read_events("r", 0, 100) == []  # restoring wrote nothing
+        journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_read_events_falls_back_to_the_journal_for_dropped_events(tmp_path: Path) -> None:
+    async def scenario() -> list[main.Event]:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        session = main.Session("j", META, capacity=16, journal=journal)
+        for i in range(40):
+            session.append(f"e{i}")
+        assert session.buffer.first_index == 24
+        events = await main.read_events(session, 10)
+        journal.close()
+        return events
+
+    assert asyncio.run(scenario()) == [main.Event(i, f"e{i}") for i in range(10, 40)]
+
+
+def test_read_events_without_journal_is_gone() -> None:
+    async def scenario() -> None:
+        session = main.Session("g", META, capacity=16)
+        for i in range(40):
+            session.append(f"e{i}")
+        with pytest.raises(main.EventsGone):
+            await main.read_events(session, 3)
+
+    asyncio.run(scenario())
