@@ -26,20 +26,28 @@ Run: `uvicorn main:app --port 3000` or `python main.py`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import io
+import ipaddress
 import json
 import logging
 import os
 import queue
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from dotenv import dotenv_values
 from fastapi import FastAPI, Request
@@ -88,7 +96,14 @@ class Settings:
     torch_dtype: str = "auto"
     max_tokens: int = 256  # default completion length when a request names none
     temperature: float = 0.7  # default when a request names none; 0 means greedy
-    max_video_frames: int = 16
+    max_video_frames: int = 16  # frames sampled evenly from each video
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 25_000_000  # width x height; larger images (and decompression bombs) are refused
+    max_video_bytes: int = 100_000_000
+    media_fetch_timeout_seconds: float = 10.0
+    media_allow_private_hosts: bool = False  # deliberate: http(s) media may not reach loopback/private networks
+    media_root: str = ""  # local paths and file:// URLs are allowed only under this folder; empty = refused
     max_concurrent_generations: int = 1
     max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
     keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
@@ -106,6 +121,11 @@ class Settings:
             ("max_tokens", self.max_tokens >= 1, "at least 1"),
             ("temperature", 0 <= self.temperature <= 2, "between 0 and 2"),
             ("max_video_frames", self.max_video_frames >= 1, "at least 1"),
+            ("max_images_per_request", self.max_images_per_request >= 0, "0 or more"),
+            ("max_image_bytes", self.max_image_bytes >= 1, "at least 1"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "at least 1"),
+            ("max_video_bytes", self.max_video_bytes >= 1, "at least 1"),
+            ("media_fetch_timeout_seconds", self.media_fetch_timeout_seconds > 0, "more than 0"),
             ("max_concurrent_generations", self.max_concurrent_generations >= 1, "at least 1"),
             ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
@@ -446,21 +466,51 @@ def to_text(content: str | list[Any] | None) -> str:
     return "".join(part.text for part in content if isinstance(part, TextPart))
 
 
+@dataclass(frozen=True)
+class MediaRef:
+    """An image or video part, before anything is fetched or decoded."""
+
+    kind: Literal["image", "video"]
+    url: str
+    param: str  # where it sits in the request, e.g. messages[1].content[2]
+
+
 def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Wire messages -> the list `apply_chat_template` takes. Media parts are refused here until
-    a vision path exists; `developer` is OpenAI's newer name for `system`."""
+    """Wire messages -> the list `apply_chat_template` takes. Text-only content becomes one string; content with
+    media stays a list of parts, each media part holding a `MediaRef` under "ref". `developer` -> `system`."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
-        if isinstance(message.content, list):
-            for j, part in enumerate(message.content):
-                if not isinstance(part, TextPart):
-                    raise BadRequest(
-                        f"{part.type} parts are not supported by this server yet",
-                        param=f"messages[{i}].content[{j}]",
-                    )
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": to_text(message.content)})
+        parts = message.content if isinstance(message.content, list) else []
+        if all(isinstance(part, TextPart) for part in parts):
+            out.append({"role": role, "content": to_text(message.content)})
+            continue
+        content: list[dict[str, Any]] = []
+        for j, part in enumerate(parts):
+            param = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+                continue
+            if role != "user":
+                raise BadRequest(f"{part.type} parts are only allowed in user messages", param=param)
+            if isinstance(part, ImagePart):
+                content.append({"type": "image", "ref": MediaRef("image", part.image_url.url, param)})
+            else:
+                content.append({"type": "video", "ref": MediaRef("video", part.video_url.url, param)})
+        out.append({"role": role, "content": content})
     return out
+
+
+def media_refs(messages: list[dict[str, Any]]) -> list[MediaRef]:
+    return [part["ref"] for m in messages if isinstance(m["content"], list) for part in m["content"] if "ref" in part]
+
+
+def check_media_count(refs: list[MediaRef], max_images: int) -> None:
+    images = [ref for ref in refs if ref.kind == "image"]
+    if len(images) > max_images:
+        raise BadRequest(
+            f"too many images: {len(images)} (at most {max_images} per request)", param=images[max_images].param
+        )
 
 
 def to_generation_params(request: ChatCompletionRequest, settings: Settings) -> GenerationParams:
@@ -504,7 +554,168 @@ class StopMatcher:
         return text
 
 
-# ==== 5. Engine ==============================================================================================
+# ==== 5. Media ===============================================================================================
+# Fetching and decoding images and videos. Blocking: runs in the worker thread that prepares the prompt.
+
+MEDIA_MAX_REDIRECTS = 3
+
+
+@dataclass
+class DecodedVideo:
+    frames: list[Any]  # PIL images, evenly sampled
+    fps: float | None
+    total_frames: int
+    indices: list[int]  # positions of the sampled frames in the whole clip
+
+
+def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise BadRequest("data URLs must be base64: data:<type>;base64,<data>", param=param)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise BadRequest(f"media is larger than {max_bytes} bytes", param=param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise BadRequest("invalid base64 in data URL", param=param) from None
+
+
+def check_public_host(host: str, param: str) -> None:
+    """Refuses hosts that resolve to loopback, private, link-local or reserved addresses (SSRF guard)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        raise BadRequest(f"cannot resolve host {host!r}", param=param) from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            raise BadRequest(
+                f"refusing to fetch from {host} ({address}): not a public address "
+                "(MEDIA_ALLOW_PRIVATE_HOSTS=1 allows it)",
+                param=param,
+            )
+
+
+def fetch_http(url: str, param: str, max_bytes: int, settings: Settings) -> bytes:
+    """GET with a timeout, a size cap, and the host re-checked on every redirect."""
+    import httpx
+
+    deadline = time.monotonic() + settings.media_fetch_timeout_seconds
+    with httpx.Client(timeout=settings.media_fetch_timeout_seconds, follow_redirects=False) as client:
+        for _ in range(MEDIA_MAX_REDIRECTS + 1):
+            host = urlsplit(url).hostname or ""
+            if not settings.media_allow_private_hosts:
+                check_public_host(host, param)
+            try:
+                with client.stream("GET", url) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        url = str(response.url.join(response.headers["location"]))
+                        continue
+                    if response.status_code != 200:
+                        raise BadRequest(f"fetching {url} gave HTTP {response.status_code}", param=param)
+                    body = bytearray()
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise BadRequest(f"media at {url} is larger than {max_bytes} bytes", param=param)
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("deadline")
+                    return bytes(body)
+            except httpx.TimeoutException:
+                raise BadRequest(
+                    f"fetching {url} timed out after {settings.media_fetch_timeout_seconds:g} s", param=param
+                ) from None
+            except httpx.HTTPError as exc:
+                raise BadRequest(f"fetching {url} failed: {type(exc).__name__}", param=param) from None
+    raise BadRequest(f"too many redirects fetching {url}", param=param)
+
+
+def read_local_file(url: str, param: str, max_bytes: int, media_root: str) -> bytes:
+    if not media_root:
+        raise BadRequest("local files are not allowed (the server has no MEDIA_ROOT)", param=param)
+    root = Path(media_root).resolve()
+    raw = url2pathname(urlsplit(url).path) if url.lower().startswith("file:") else url
+    path = (root / raw).resolve()  # an absolute `raw` replaces root; either way it must end up under root
+    if not path.is_relative_to(root):
+        raise BadRequest("local files must be under MEDIA_ROOT", param=param)
+    if not path.is_file():
+        raise BadRequest(f"no file {raw!r} under MEDIA_ROOT", param=param)
+    if path.stat().st_size > max_bytes:
+        raise BadRequest(f"media is larger than {max_bytes} bytes", param=param)
+    return path.read_bytes()
+
+
+def read_media_bytes(url: str, param: str, max_bytes: int, settings: Settings) -> bytes:
+    if url.startswith("data:"):
+        return decode_data_url(url, param, max_bytes)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("http", "https"):
+        return fetch_http(url, param, max_bytes, settings)
+    if scheme in ("", "file") or len(scheme) == 1:  # one letter: a Windows drive, C:\\...
+        return read_local_file(url, param, max_bytes, settings.media_root)
+    raise BadRequest(f"unsupported URL scheme {scheme!r}: use data:, http(s): or a file under MEDIA_ROOT", param=param)
+
+
+def decode_image(data: bytes, param: str, max_pixels: int) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:  # checked from the header, before any pixel is decoded
+                raise BadRequest(f"image is {image.width}x{image.height}, more than {max_pixels} pixels", param=param)
+            return image.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadRequest(f"image has more than {max_pixels} pixels", param=param) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise BadRequest("the bytes are not an image Pillow can read", param=param) from None
+
+
+def sample_indices(total: int, wanted: int) -> list[int]:
+    """`wanted` frame indices spread evenly over `total` frames, first and last included."""
+    if total <= wanted:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / (wanted - 1)) for i in range(wanted)}) if wanted > 1 else [0]
+
+
+def decode_video(data: bytes, param: str, max_frames: int, max_pixels: int) -> DecodedVideo:
+    """PyAV decode; samples at most `max_frames` frames evenly over the clip."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise BadRequest("the video has no video stream", param=param)
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            total = sum(1 for _ in container.decode(stream))  # deliberate: container frame counts are unreliable
+        wanted = set(sample_indices(total, max_frames))
+        frames, indices = [], []
+        with av.open(io.BytesIO(data), mode="r") as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if index in wanted:
+                    if frame.width * frame.height > max_pixels:
+                        raise BadRequest(f"video frames are larger than {max_pixels} pixels", param=param)
+                    frames.append(frame.to_image().convert("RGB"))  # type: ignore[no-untyped-call]
+                    indices.append(index)
+    except av.FFmpegError:
+        raise BadRequest("the bytes are not a video PyAV can decode", param=param) from None
+    if not frames:
+        raise BadRequest("the video has no decodable frames", param=param)
+    return DecodedVideo(frames, fps, total, indices)
+
+
+def load_media(ref: MediaRef, settings: Settings) -> Any:
+    """A `MediaRef` -> a PIL image, or a `DecodedVideo`. Raises BadRequest naming the part."""
+    if ref.kind == "image":
+        data = read_media_bytes(ref.url, ref.param, settings.max_image_bytes, settings)
+        return decode_image(data, ref.param, settings.max_image_pixels)
+    data = read_media_bytes(ref.url, ref.param, settings.max_video_bytes, settings)
+    return decode_video(data, ref.param, settings.max_video_frames, settings.max_image_pixels)
+
+
+# ==== 6. Engine ==============================================================================================
 
 
 @dataclass(frozen=True)
@@ -552,7 +763,64 @@ class LoadedModel:
     model: Any
     processor: Any  # an AutoProcessor, or the tokenizer itself for text-only models
     tokenizer: Any
-    accepts_images: bool
+    vision: VisionPipeline | None  # None: the model takes text only
+
+
+class VisionPipeline(Protocol):
+    native_video: bool  # False: videos go in as their sampled frames, one image each
+
+    def encode(self, messages: list[dict[str, Any]], images: list[Any], videos: list[DecodedVideo]) -> Any: ...
+
+
+class StockVision:
+    """The model's own processor (needs torchvision for Qwen-VL): images and videos on their native paths."""
+
+    native_video = True
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def encode(self, messages: list[dict[str, Any]], images: list[Any], videos: list[DecodedVideo]) -> Any:
+        from transformers.video_utils import VideoMetadata
+
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra: dict[str, Any] = {}
+        if videos:
+            import numpy as np
+
+            extra["videos"] = [np.stack([np.asarray(f) for f in v.frames]) for v in videos]
+            extra["video_metadata"] = [
+                VideoMetadata(total_num_frames=v.total_frames, fps=v.fps, frames_indices=v.indices) for v in videos
+            ]
+            extra["do_sample_frames"] = False  # deliberate: already sampled, MAX_VIDEO_FRAMES at most
+        return self.processor(text=[text], images=images or None, return_tensors="pt", **extra)
+
+
+class PilVision:
+    """Torchvision-free Qwen-VL preprocessing: the PIL image processor, and the image placeholder expanded to
+    one token per merged patch, as the stock processor does. Videos arrive as frames (native_video False)."""
+
+    native_video = False
+
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token: str) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token
+
+    def encode(self, messages: list[dict[str, Any]], images: list[Any], videos: list[DecodedVideo]) -> Any:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pixels: dict[str, Any] = {}
+        if images:
+            pixels = dict(self.image_processor(images, return_tensors="pt"))
+            merge = self.image_processor.merge_size**2
+            pieces = text.split(self.image_token)
+            if len(pieces) - 1 != len(images):
+                raise BadRequest(f"the chat template placed {len(pieces) - 1} images for {len(images)} given")
+            counts = [int(grid.prod()) // merge for grid in pixels["image_grid_thw"]]
+            text = pieces[0] + "".join(self.image_token * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
+        encoded = self.tokenizer(text, return_tensors="pt")
+        encoded.update(pixels)
+        return encoded
 
 
 def resolve_model_source(repo_id: str) -> tuple[str, dict[str, str]]:
@@ -561,6 +829,14 @@ def resolve_model_source(repo_id: str) -> tuple[str, dict[str, str]]:
         path = Path(repo_id).expanduser()
         return str(path.parent), {"gguf_file": path.name}
     return repo_id, {}
+
+
+def load_pil_vision(source: str, token: str | None, config: Any, tokenizer: Any) -> PilVision:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, token=token)
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    return PilVision(tokenizer, image_processor, image_token)
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -577,11 +853,17 @@ def load_model(settings: Settings) -> LoadedModel:
     processor: Any
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, **common)  # type: ignore[no-untyped-call]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.info("AutoProcessor unavailable (%s); using AutoTokenizer", type(exc).__name__)
+    except (ImportError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.info("AutoProcessor unavailable (%s: %s); using AutoTokenizer", type(exc).__name__, str(exc)[:120])
         processor = transformers.AutoTokenizer.from_pretrained(source, **common)
     tokenizer = getattr(processor, "tokenizer", processor)
-    return LoadedModel(model, processor, tokenizer, accepts_images)
+    vision: VisionPipeline | None = None
+    if accepts_images and hasattr(processor, "image_processor"):
+        vision = StockVision(processor)
+    elif accepts_images:
+        vision = load_pil_vision(source, common["token"], config, tokenizer)
+        log.info("vision without torchvision: PIL image processor; videos are sent as their sampled frames")
+    return LoadedModel(model, processor, tokenizer, vision)
 
 
 def describe_load_error(repo_id: str, exc: BaseException) -> str:
@@ -715,6 +997,37 @@ def finish_reason_of(
     return "cancelled" if cancel.is_set() else "stop"
 
 
+def encode_vision(
+    vision: VisionPipeline, messages: list[dict[str, Any]], refs: list[MediaRef], settings: Settings
+) -> Any:
+    """Fetches and decodes every media part, then lets the pipeline build the model inputs. Without a native
+    video path, a video becomes its sampled frames, each an image part, in place (never dropped)."""
+    loaded_media = {id(ref): load_media(ref, settings) for ref in refs}
+    images: list[Any] = []
+    videos: list[DecodedVideo] = []
+    template: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message["content"], list):
+            template.append(message)
+            continue
+        content: list[dict[str, Any]] = []
+        for part in message["content"]:
+            media: Any = loaded_media.get(id(part.get("ref")))
+            if part["type"] == "image":
+                images.append(media)
+                content.append({"type": "image"})
+            elif part["type"] == "video" and vision.native_video:
+                videos.append(media)
+                content.append({"type": "video"})
+            elif part["type"] == "video":
+                images.extend(media.frames)
+                content.extend({"type": "image"} for _ in media.frames)
+            else:
+                content.append(part)
+        template.append({**message, "content": content})
+    return vision.encode(template, images, videos)
+
+
 class TransformersEngine:
     """The real engine: a `ModelHandle`, chat templating, and `infer_stream`."""
 
@@ -735,10 +1048,17 @@ class TransformersEngine:
         import jinja2
 
         loaded = self.handle.get()
+        refs = media_refs(messages)
+        if refs and loaded.vision is None:
+            raise BadRequest(f"model {self.model_name} does not accept images or videos", param=refs[0].param)
+        check_media_count(refs, self.handle.settings.max_images_per_request)
         try:
-            inputs = loaded.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            )
+            if loaded.vision is None:
+                inputs = loaded.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                )
+            else:
+                inputs = encode_vision(loaded.vision, messages, refs, self.handle.settings)
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
         inputs = inputs.to(loaded.model.device)
@@ -750,7 +1070,7 @@ class TransformersEngine:
         return infer_stream(self.handle.get(), prompt, params, cancel)
 
 
-# ==== 6. Sessions ============================================================================================
+# ==== 7. Sessions ============================================================================================
 
 
 class SessionState:
@@ -1106,7 +1426,7 @@ class SessionStore:
             del self.sessions[session.id]
 
 
-# ==== 7. Runner ==============================================================================================
+# ==== 8. Runner ==============================================================================================
 
 
 class GenerationGate:
@@ -1336,7 +1656,7 @@ async def collect_completion(session: Session, watch: DisconnectWatch) -> dict[s
     return fold_completion(session.meta, data)
 
 
-# ==== 8. HTTP ================================================================================================
+# ==== 9. HTTP ================================================================================================
 
 SWEEP_INTERVAL_SECONDS = 60.0
 CANCEL_WAIT_SECONDS = 30.0
@@ -1563,7 +1883,7 @@ async def preload(engine: Engine) -> None:
         await asyncio.to_thread(engine.load)
 
 
-# ==== 9. Entrypoint ==========================================================================================
+# ==== 10. Entrypoint ==========================================================================================
 
 
 def main() -> None:

@@ -110,9 +110,9 @@ def test_messages_reach_the_engine_in_template_form() -> None:
         ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", None),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+            {"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
             "messages[0].content[0]",
-            "image_url parts are not supported by this server yet",
+            "image_url parts are only allowed in user messages",
         ),
     ],
 )

@@ -80,9 +80,9 @@ def test_load_failure_is_model_not_ready_and_retried(tmp_path: Path) -> None:
     assert engine.is_loaded() and engine.load_error() is None
 
 
-def test_vision_config_selects_the_image_text_to_text_class(tiny_model_dir: Path) -> None:
+def test_a_text_config_loads_the_causal_lm_class_without_vision(tiny_model_dir: Path) -> None:
     loaded = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    assert loaded.accepts_images is False
+    assert loaded.vision is None
     assert type(loaded.model).__name__ == "Qwen3ForCausalLM"
 
 
