@@ -29,6 +29,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
+import hashlib
+import hmac
 import io
 import ipaddress
 import json
@@ -43,18 +46,22 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from dotenv import dotenv_values
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:  # heavy imports happen lazily, inside the engine, never at import time
     import torch
@@ -114,6 +121,12 @@ class Settings:
     session_buffer_events: int = 4096
     max_sessions: int = 1024
     log_level: str = "INFO"
+    api_key: str = ""  # one key or a comma-separated list; when set, every /v1 route needs Bearer <key>
+    cors_allow_origins: str = ""  # comma-separated origins ("*" for any); empty = CORS off
+    max_request_bytes: int = 67_108_864  # 64 MiB: room for a few base64 images; larger bodies get 413
+    max_messages: int = 512
+    max_prompt_tokens: int = 0  # 0 = the model's context length
+    max_generation_seconds: float = 0.0  # a generation running longer ends with finish_reason length; 0 = no cap
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -133,6 +146,10 @@ class Settings:
             ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
             ("session_buffer_events", self.session_buffer_events >= 16, "at least 16"),
             ("max_sessions", self.max_sessions >= 1, "at least 1"),
+            ("max_request_bytes", self.max_request_bytes >= 1024, "at least 1024"),
+            ("max_messages", self.max_messages >= 1, "at least 1"),
+            ("max_prompt_tokens", self.max_prompt_tokens >= 0, "0 or more"),
+            ("max_generation_seconds", self.max_generation_seconds >= 0, "0 or more"),
             ("torch_dtype", self.torch_dtype in TORCH_DTYPES, "one of " + ", ".join(TORCH_DTYPES)),
             ("log_level", self.log_level.upper() in logging.getLevelNamesMapping(), "a logging level"),
             ("model_repo_id", bool(self.model_repo_id.strip()), "a model id or path"),
@@ -163,8 +180,22 @@ class Settings:
                 raise ConfigError(f"{f.name.upper()} must be {f.type}, got {raw!r}") from None
         return cls(**kwargs)
 
+    def api_keys(self) -> list[str]:
+        return [key.strip() for key in self.api_key.split(",") if key.strip()]
+
     def secrets(self) -> list[str]:
-        return [s for s in (self.hf_token,) if s]
+        return [s for s in (self.hf_token, *self.api_keys()) if s]
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class AddRequestId(logging.Filter):
+    """Tags every record with the id of the request it was logged under (tasks inherit it from their request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
 
 
 class RedactSecrets(logging.Filter):
@@ -191,11 +222,12 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_llm_server", False) for h in root.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
         handler._llm_server = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     for existing in root.handlers:
-        existing.filters = [f for f in existing.filters if not isinstance(f, RedactSecrets)]
+        existing.filters = [f for f in existing.filters if not isinstance(f, RedactSecrets | AddRequestId)]
+        existing.addFilter(AddRequestId())
         existing.addFilter(RedactSecrets(settings.secrets()))
     root.setLevel(settings.log_level.upper())
 
@@ -246,6 +278,17 @@ class StreamOptions(WireModel):
 
 
 class ChatCompletionRequest(WireModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0},
+                {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 16,
+                 "stream_options": {"include_usage": True}, "session_id": "example-1"},
+            ]
+        },
+    )  # fmt: skip
+
     model: str | None = None  # informational: the server serves one model
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -287,6 +330,14 @@ class APIError(Exception):
 
 class BadRequest(APIError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(APIError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
 class NotFound(APIError):
@@ -359,6 +410,56 @@ def parse_event_id(text: str) -> tuple[str, int] | None:
     if not sep or not re.fullmatch(SESSION_ID_PATTERN, session_id) or not re.fullmatch(r"\d{1,18}", index):
         return None
     return session_id, int(index)
+
+
+def key_owner(authorization: str | None, keys: list[str]) -> str:
+    """The owner id of a request: "" when no keys are set, else a short hash of the key it presented.
+    Compares against every key in constant time, so timing says neither whether nor which one matched."""
+    if not keys:
+        return ""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    presented = token.strip().encode()
+    matched = None
+    for key in keys:
+        if hmac.compare_digest(presented, key.encode()):
+            matched = key
+    if matched is None or scheme.lower() != "bearer":
+        raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+    return hashlib.sha256(matched.encode()).hexdigest()[:16]
+
+
+def storage_key(owner: str, session_id: str) -> str:
+    """Sessions live in one namespace per API key ("/" cannot appear in a session id): another key's session
+    of the same name is simply another session, so ids can be neither probed nor hijacked."""
+    return f"{owner}/{session_id}" if owner else session_id
+
+
+def check_message_count(request: ChatCompletionRequest, max_messages: int) -> None:
+    if len(request.messages) > max_messages:
+        raise BadRequest(f"too many messages: {len(request.messages)} (at most {max_messages})", param="messages")
+
+
+def fit_to_context(
+    params: GenerationParams, prompt_tokens: int, context_tokens: int | None, max_prompt_tokens: int
+) -> GenerationParams:
+    """Refuses a prompt past the context or MAX_PROMPT_TOKENS; caps max_new_tokens to the context left."""
+    if max_prompt_tokens and prompt_tokens > max_prompt_tokens:
+        raise BadRequest(
+            f"The server's prompt limit (MAX_PROMPT_TOKENS) is {max_prompt_tokens} tokens. "
+            f"However, your messages resulted in {prompt_tokens} tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if context_tokens is None:
+        return params
+    if prompt_tokens >= context_tokens:
+        raise BadRequest(
+            f"This model's maximum context length is {context_tokens} tokens. "
+            f"However, your messages resulted in {prompt_tokens} tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return replace(params, max_new_tokens=min(params.max_new_tokens, context_tokens - prompt_tokens))
 
 
 def parse_resume_point(header: str | None, query: str | None) -> tuple[str, int] | None:
@@ -751,6 +852,8 @@ class Engine(Protocol):
 
     def load(self) -> None: ...
 
+    def context_length(self) -> int | None: ...
+
     def prepare(self, messages: list[dict[str, Any]], params: GenerationParams) -> PreparedPrompt: ...
 
     def stream(
@@ -1044,6 +1147,12 @@ class TransformersEngine:
     def load(self) -> None:
         self.handle.get()
 
+    def context_length(self) -> int | None:
+        config = self.handle.get().model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(text_config, "max_position_embeddings", None)
+        return int(value) if value else None
+
     def prepare(self, messages: list[dict[str, Any]], params: GenerationParams) -> PreparedPrompt:
         import jinja2
 
@@ -1305,8 +1414,12 @@ class SqliteJournal:
 class Session:
     """One generation's events and state. Written by its runner, read by any number of responses."""
 
-    def __init__(self, session_id: str, meta: StreamMeta, capacity: int, journal: SqliteJournal | None = None) -> None:
-        self.id = session_id
+    def __init__(
+        self, session_id: str, meta: StreamMeta, capacity: int, journal: SqliteJournal | None = None, key: str = ""
+    ) -> None:
+        self.id = session_id  # what the client sees
+        self.key = key or session_id  # where it is stored: storage_key(owner, id)
+        self.time_limited = False
         self.meta = meta
         self.state = SessionState.QUEUED
         self.buffer = RingBuffer(capacity)
@@ -1317,12 +1430,12 @@ class Session:
         self.created_at = time.time()
         self.ended_at: float | None = None
         self.readers = 0
-        self.detached_at: float | None = None  # loop time when the last reader left a running session
+        self.grace_timer: asyncio.TimerHandle | None = None  # set while nobody reads a running session
         self._changed = asyncio.Event()
 
     @classmethod
     def restore(cls, stored: StoredSession, capacity: int, journal: SqliteJournal) -> Session:
-        session = cls(stored.id, stored.meta, capacity, journal)
+        session = cls(stored.id.rpartition("/")[2], stored.meta, capacity, journal, key=stored.id)
         for event in stored.events:
             session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
         session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
@@ -1335,7 +1448,7 @@ class Session:
     def append(self, data: str) -> int:
         index = self.buffer.append(data)
         if self.journal is not None:
-            self.journal.record_event(self.id, index, data)
+            self.journal.record_event(self.key, index, data)
         self._notify()
         return index
 
@@ -1347,9 +1460,16 @@ class Session:
         self.state = state
         if state in SessionState.ENDED:
             self.ended_at = time.time()
+            self.cancel_grace_timer()
         if self.journal is not None:
-            self.journal.record_state(self.id, state, self.ended_at)
+            self.journal.record_state(self.key, state, self.ended_at)
         self._notify()
+
+    def cancel_grace_timer(self) -> None:
+        """Drops a pending disconnect timer; it would otherwise keep this session alive until it fires."""
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
+            self.grace_timer = None
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
@@ -1386,31 +1506,35 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.journal: SqliteJournal | None = None
 
-    def create(self, meta: StreamMeta, session_id: str | None, request_json: str) -> Session:
+    def create(self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "") -> Session:
         self.evict(room=1)
-        session = Session(session_id or secrets.token_hex(16), meta, self.settings.session_buffer_events)
+        wire_id = session_id or secrets.token_hex(16)
+        key = storage_key(owner, wire_id)
+        session = Session(wire_id, meta, self.settings.session_buffer_events, key=key)
         if self.journal is not None and self.journal.error is None:
             session.journal = self.journal
-            self.journal.record_session(session.id, meta, request_json, session.created_at)
-        self.sessions[session.id] = session
+            self.journal.record_session(key, meta, request_json, session.created_at)
+        self.sessions[key] = session
         return session
 
-    async def find(self, session_id: str) -> Session | None:
+    def peek(self, session_id: str, owner: str = "") -> Session | None:
+        return self.sessions.get(storage_key(owner, session_id))
+
+    async def find(self, session_id: str, owner: str = "") -> Session | None:
         """From memory, else from the journal (a session from before a restart, or evicted from memory)."""
-        session = self.sessions.get(session_id)
+        key = storage_key(owner, session_id)
+        session = self.sessions.get(key)
         if session is not None or self.journal is None or self.journal.error is not None:
             return session
-        stored = await asyncio.to_thread(self.journal.load_session, session_id)
+        stored = await asyncio.to_thread(self.journal.load_session, key)
         if stored is None:
             return None
-        session = self.sessions.get(session_id) or Session.restore(
-            stored, self.settings.session_buffer_events, self.journal
-        )
-        self.sessions[session_id] = session
+        session = self.sessions.get(key) or Session.restore(stored, self.settings.session_buffer_events, self.journal)
+        self.sessions[key] = session
         return session
 
-    async def get(self, session_id: str) -> Session:
-        session = await self.find(session_id)
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        session = await self.find(session_id, owner)
         if session is None:
             raise NotFound(f"no session {session_id!r}", param="session_id")
         return session
@@ -1423,10 +1547,32 @@ class SessionStore:
         expired = [s for s in ended if now - (s.ended_at or now) > ttl]
         overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + room)
         for session in expired + [s for s in ended if s not in expired][:overflow]:
-            del self.sessions[session.id]
+            del self.sessions[session.key]
 
 
 # ==== 8. Runner ==============================================================================================
+
+
+class Metrics:
+    """Prometheus metrics, in a registry of this app's own (tests build many apps in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llm_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.tokens = Counter("llm_generated_tokens", "Completion tokens generated", registry=r)
+        self.ttft = Histogram("llm_time_to_first_token_seconds", "Admission to first content delta", registry=r,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
+        self.token_latency = Histogram("llm_token_latency_seconds", "Time between content deltas", registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))  # fmt: skip
+        self.resumes = Counter("llm_resumes", "Streams resumed with Last-Event-ID", registry=r)
+        self.cancels = Counter("llm_cancels", "Generations cancelled, by who", ["kind"], registry=r)
+        for kind in ("manual", "auto"):
+            self.cancels.labels(kind=kind)
+        self.generations_active = Gauge("llm_generations_active", "Generations running", registry=r)
+        self.generations_queued = Gauge("llm_generations_queued", "Generations waiting for a slot", registry=r)
+        self.sessions_in_memory = Gauge("llm_sessions_in_memory", "Sessions held in memory", registry=r)
+        self.sessions_on_disk = Gauge("llm_sessions_on_disk", "Sessions in the SQLite journal", registry=r)
 
 
 class GenerationGate:
@@ -1476,6 +1622,7 @@ class GenerationGate:
 
 
 _END = object()
+ENGINE_JOIN_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -1512,6 +1659,7 @@ async def drain_in_thread(
             yield item  # type: ignore[misc]
     finally:
         cancel.set()  # deliberate: a runner that stops reading must not leave generate running
+        await asyncio.to_thread(thread.join, ENGINE_JOIN_TIMEOUT_SECONDS)  # when the runner ends, so has the model
 
 
 def to_error_event(exc: BaseException) -> dict[str, Any]:
@@ -1520,41 +1668,83 @@ def to_error_event(exc: BaseException) -> dict[str, Any]:
     return make_error("internal error during generation", "server_error", None, "internal_error")
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    max_seconds: float  # 0 = no cap
+
+
+class DeltaClock:
+    """Feeds the time-to-first-token and per-token latency histograms."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.last = time.perf_counter()
+        self.first = True
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        (self.metrics.ttft if self.first else self.metrics.token_latency).observe(now - self.last)
+        self.first, self.last = False, now
+
+
+def limit_runtime(session: Session, max_seconds: float) -> asyncio.TimerHandle | None:
+    """Ends a generation that runs past `max_seconds` (it then finishes with `length`)."""
+
+    def expire() -> None:
+        if not session.ended:
+            log.warning("session %s reached MAX_GENERATION_SECONDS (%g s); ending it", session.id, max_seconds)
+            session.time_limited = True
+            session.cancel.set()
+
+    return asyncio.get_running_loop().call_later(max_seconds, expire) if max_seconds > 0 else None
+
+
 async def generate_into(
-    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate
-) -> Finished:
+    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
+    metrics: Metrics, limits: RunLimits,
+) -> Finished:  # fmt: skip
     """Waits for a slot, then appends content chunks; returns how it finished. Stop strings end it early."""
-    meta, stop = session.meta, StopMatcher(params.stop)
+    meta, stop, clock = session.meta, StopMatcher(params.stop), DeltaClock(metrics)
     finished = Finished("cancelled", 0)
     async with gate.slot(session.cancelled) as acquired:
         if not acquired:
             return finished  # cancelled while queued: the model never ran
         session.set_state(SessionState.RUNNING)
-        async for item in drain_in_thread(engine, prompt, params, session.cancel):
-            if isinstance(item, Finished):
-                finished = item
-                continue
-            text = stop.feed(item.text)
-            if text:
-                session.append(json.dumps(make_chunk(meta, {"content": text})))
-            if stop.matched:
-                session.cancel.set()  # the rest is past the stop string: stop the model too
+        timer = limit_runtime(session, limits.max_seconds)
+        try:
+            async for item in drain_in_thread(engine, prompt, params, session.cancel):
+                if isinstance(item, Finished):
+                    finished = item
+                    continue
+                text = stop.feed(item.text)
+                if text:
+                    clock.tick()
+                    session.append(json.dumps(make_chunk(meta, {"content": text})))
+                if stop.matched:
+                    session.cancel.set()  # the rest is past the stop string: stop the model too
+        finally:
+            if timer is not None:
+                timer.cancel()
     tail = stop.flush()
     if tail:
         session.append(json.dumps(make_chunk(meta, {"content": tail})))
+    metrics.tokens.inc(finished.completion_tokens)
     if session.cancel_requested:
         return Finished("cancelled", finished.completion_tokens)
+    if session.time_limited:
+        return Finished("length", finished.completion_tokens)
     return Finished("stop", finished.completion_tokens) if stop.matched else finished
 
 
 async def run_generation(
-    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate
-) -> None:
+    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
+    metrics: Metrics, limits: RunLimits,
+) -> None:  # fmt: skip
     """Drives one generation into one session: role chunk, content deltas, finish, usage, [DONE]."""
     meta, started = session.meta, time.perf_counter()
     session.append(json.dumps(make_chunk(meta, {"role": "assistant", "content": ""})))
     try:
-        finished = await generate_into(session, engine, prompt, params, gate)
+        finished = await generate_into(session, engine, prompt, params, gate, metrics, limits)
         session.append(json.dumps(make_chunk(meta, {}, finished.finish_reason)))
         if meta.include_usage:
             usage = make_usage(prompt.prompt_tokens, finished.completion_tokens)
@@ -1581,26 +1771,28 @@ class DisconnectWatch:
     """Cancels a running session once nobody has read it for `grace_seconds` (0 disables). A reader that
     comes back before then resets the clock."""
 
-    def __init__(self, grace_seconds: float) -> None:
+    def __init__(self, grace_seconds: float, metrics: Metrics) -> None:
         self.grace_seconds = grace_seconds
+        self.metrics = metrics
         self.auto_cancels = 0
 
     def attach(self, session: Session) -> None:
         session.readers += 1
-        session.detached_at = None
+        session.cancel_grace_timer()  # a reader is back: the clock starts again at the next detach
 
     def detach(self, session: Session) -> None:
         session.readers -= 1
         if session.readers > 0 or session.ended or self.grace_seconds <= 0:
             return
-        loop = asyncio.get_running_loop()
-        session.detached_at = detached_at = loop.time()
-        loop.call_later(self.grace_seconds, self._expire, session, detached_at)
+        session.cancel_grace_timer()
+        session.grace_timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._expire, session)
 
-    def _expire(self, session: Session, detached_at: float) -> None:
-        if session.readers == 0 and not session.ended and session.detached_at == detached_at:
+    def _expire(self, session: Session) -> None:
+        session.grace_timer = None
+        if session.readers == 0 and not session.ended:
             log.info("session %s: no reader for %.1f s, cancelling", session.id, self.grace_seconds)
             self.auto_cancels += 1
+            self.metrics.cancels.labels(kind="auto").inc()
             session.request_cancel()
 
 
@@ -1612,7 +1804,7 @@ async def read_events(session: Session, start: int) -> list[Event]:
         if session.journal is None or session.journal.error is not None:
             raise
         stop = session.buffer.first_index
-        older = await asyncio.to_thread(session.journal.read_events, session.id, start, stop)
+        older = await asyncio.to_thread(session.journal.read_events, session.key, start, stop)
         if [e.index for e in older] != list(range(start, stop)):
             raise
         return older + session.buffer.read_from(stop)
@@ -1669,6 +1861,7 @@ class AppState:
     gate: GenerationGate
     store: SessionStore
     watch: DisconnectWatch
+    metrics: Metrics
     journal_error: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -1685,27 +1878,55 @@ class AppState:
         return f"failed: {error}" if error else "ok"
 
 
-async def start_chat(state: AppState, request: ChatCompletionRequest) -> Session:
+def request_owner(request: Request) -> str:
+    """The dependency every /v1 route takes: who is asking (see `key_owner`); 401 without a valid key."""
+    state: AppState = request.app.state.server
+    return key_owner(request.headers.get("authorization"), state.settings.api_keys())
+
+
+Owner = Annotated[str, Depends(request_owner)]
+
+
+async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str) -> Session:
     """Validates, loads, templates and admits one request, then starts its runner. Raises APIError."""
-    if request.session_id and (existing := await state.store.find(request.session_id)):
+    if request.session_id and (existing := await state.store.find(request.session_id, owner)):
         return existing  # an SDK retry of a named session attaches to it: never generate twice
+    check_message_count(request, state.settings.max_messages)
     params = to_generation_params(request, state.settings)
     messages = to_template_messages(request.messages)
     await asyncio.to_thread(state.engine.load)  # a cold load never blocks the event loop
     prompt = await asyncio.to_thread(state.engine.prepare, messages, params)
-    if request.session_id and (existing := state.store.sessions.get(request.session_id)):
+    params = fit_to_context(
+        params, prompt.prompt_tokens, state.engine.context_length(), state.settings.max_prompt_tokens
+    )
+    if request.session_id and (existing := state.store.peek(request.session_id, owner)):
         return existing  # created by a concurrent request while we prepared (no await from here to create)
     state.gate.admit()
     include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
     meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
-    session = state.store.create(meta, request.session_id, request.model_dump_json())
+    session = state.store.create(meta, request.session_id, request.model_dump_json(), owner)
     log.info("session %s started: %d prompt tokens, stream=%s", session.id, prompt.prompt_tokens, request.stream)
-    state.spawn(run_generation(session, state.engine, prompt, params, state.gate))
+    limits = RunLimits(state.settings.max_generation_seconds)
+    state.spawn(run_generation(session, state.engine, prompt, params, state.gate, state.metrics, limits))
     return session
 
 
-async def parse_chat_request(request: Request) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate_json(await request.body() or b"{}")
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 past `max_bytes` whether or not Content-Length says so."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+async def parse_chat_request(request: Request, max_bytes: int) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
 
 
 def sse_response(state: AppState, session: Session, after_index: int) -> StreamingResponse:
@@ -1716,11 +1937,12 @@ def sse_response(state: AppState, session: Session, after_index: int) -> Streami
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
-async def cancel_session(state: AppState, session_id: str) -> dict[str, Any]:
+async def cancel_session(state: AppState, session_id: str, owner: str) -> dict[str, Any]:
     """Stops the generation at its next token; answers once the session has ended."""
-    session = await state.store.get(session_id)
+    session = await state.store.get(session_id, owner)
     already_ended = session.ended
     if not already_ended:
+        state.metrics.cancels.labels(kind="manual").inc()
         session.request_cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait_until_ended(session), CANCEL_WAIT_SECONDS)
@@ -1758,6 +1980,83 @@ async def sweep_sessions(state: AppState) -> None:
                 await asyncio.to_thread(journal.delete_ended_before, cutoff)
 
 
+def interrupt_session(session: Session) -> None:
+    """Ends a session the server is leaving behind: the same tail a restart's recovery would journal."""
+    session.cancel.set()
+    session.append(json.dumps(make_interrupted_error()))
+    session.append(DONE)
+    session.set_state(SessionState.INTERRUPTED)
+
+
+async def shut_down(state: AppState) -> None:
+    """Stops every runner, marks what was still running as interrupted, and closes the journal (flushed)."""
+    tasks = list(state.tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for session in list(state.store.sessions.values()):
+        if not session.ended:
+            log.info("session %s interrupted by shutdown", session.id)
+            interrupt_session(session)
+    if state.store.journal is not None:
+        await asyncio.to_thread(state.store.journal.close)
+
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RequestContext:
+    """Pure ASGI middleware: an x-request-id per request (the client's if well-formed), echoed in the response
+    and set for every log line; and the requests-by-route-and-status counter."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID_PATTERN.match(given) else secrets.token_hex(8)
+        token = REQUEST_ID.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            REQUEST_ID.reset(token)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The chat route reads its body itself (a resume may send none), so its schema is added here, with
+    examples, for clients and for the fuzzer."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request_schema.pop("$defs", {}))
+        components["ChatCompletionRequest"] = request_schema
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}
+        schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": False, "content": content}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -1791,12 +2090,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Builds the app; does no I/O. The model loads on first use (or in the lifespan with PRELOAD_MODEL=1);
     the journal opens in the lifespan."""
     engine = engine or TransformersEngine(settings)
+    metrics = Metrics()
     state = AppState(
         settings=settings,
         engine=engine,
         gate=GenerationGate(settings.max_concurrent_generations, settings.max_queued_requests),
         store=SessionStore(settings),
-        watch=DisconnectWatch(settings.cancel_after_disconnect_seconds),
+        watch=DisconnectWatch(settings.cancel_after_disconnect_seconds, metrics),
+        metrics=metrics,
     )
 
     @contextlib.asynccontextmanager
@@ -1809,46 +2110,58 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             state.spawn(preload(state.engine))
         state.spawn(sweep_sessions(state))
         yield
-        for task in list(state.tasks):
-            task.cancel()
-        for session in state.store.sessions.values():
-            session.cancel.set()
-        if state.store.journal is not None:
-            await asyncio.to_thread(state.store.journal.close)
+        await shut_down(state)
 
     app = FastAPI(title="llm-server", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
+    if settings.cors_allow_origins.strip():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
+            expose_headers=["X-Session-Id", "X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost of ours: sees every response
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request, last_event_id: str | None = None) -> Response:
+    async def chat_completions(request: Request, owner: Owner, last_event_id: str | None = None) -> Response:
         resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
         if resume is not None:  # the body is not run again: this only reads the session
-            return sse_response(state, await state.store.get(resume[0]), resume[1])
-        body = await parse_chat_request(request)
-        session = await start_chat(state, body)
+            session = await state.store.get(resume[0], owner)
+            metrics.resumes.inc()
+            return sse_response(state, session, resume[1])
+        body = await parse_chat_request(request, settings.max_request_bytes)
+        session = await start_chat(state, body, owner)
         if body.stream:
             return sse_response(state, session, -1)
         completion = await collect_completion(session, state.watch)
         return JSONResponse(completion, headers={"X-Session-Id": session.id})
 
     @app.get("/v1/sessions/{session_id}/events", response_model=None)
-    async def session_events(session_id: str, request: Request, last_event_id: str | None = None) -> Response:
+    async def session_events(
+        session_id: str, request: Request, owner: Owner, last_event_id: str | None = None
+    ) -> Response:
         resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
         if resume is not None and resume[0] != session_id:
             raise BadRequest("Last-Event-ID names another session", param="Last-Event-ID")
-        return sse_response(state, await state.store.get(session_id), resume[1] if resume else -1)
+        session = await state.store.get(session_id, owner)
+        if resume is not None:
+            metrics.resumes.inc()
+        return sse_response(state, session, resume[1] if resume else -1)
 
     @app.get("/v1/sessions/{session_id}")
-    async def session_info(session_id: str) -> dict[str, Any]:
-        return (await state.store.get(session_id)).describe()
+    async def session_info(session_id: str, owner: Owner) -> dict[str, Any]:
+        return (await state.store.get(session_id, owner)).describe()
 
     @app.post("/v1/cancel/{session_id}")
-    async def cancel(session_id: str) -> dict[str, Any]:
-        return await cancel_session(state, session_id)
+    async def cancel(session_id: str, owner: Owner) -> dict[str, Any]:
+        return await cancel_session(state, session_id, owner)
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(owner: Owner) -> dict[str, Any]:
         model = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "local"}
         return {"object": "list", "data": [model]}
 
@@ -1864,6 +2177,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "sessions": len(state.store.sessions),
             "persistence": state.persistence(),
         }
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        metrics.generations_active.set(state.gate.running)
+        metrics.generations_queued.set(state.gate.admitted - state.gate.running)
+        metrics.sessions_in_memory.set(len(state.store.sessions))
+        journal = state.store.journal
+        if journal is not None and journal.error is None:
+            with contextlib.suppress(sqlite3.Error):
+                metrics.sessions_on_disk.set(await asyncio.to_thread(journal.count_sessions))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health/live")
     async def health_live() -> dict[str, str]:

@@ -98,6 +98,7 @@ class ScriptedEngine:
         self.fail_load_with: str | None = None
         self.fail_stream_after: int | None = None
         self.loaded = False
+        self.context_tokens: int | None = None
         self.active_threads = 0
         self.prompts: list[list[dict[str, Any]]] = []
 
@@ -113,6 +114,9 @@ class ScriptedEngine:
         if self.fail_load_with:
             raise main.ModelNotReady(self.fail_load_with)
         self.loaded = True
+
+    def context_length(self) -> int | None:
+        return self.context_tokens
 
     def prepare(self, messages: list[dict[str, Any]], params: main.GenerationParams) -> main.PreparedPrompt:
         self.prompts.append(messages)
