@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -111,7 +111,9 @@ class Settings:
     media_fetch_timeout_seconds: float = 10.0
     media_allow_private_hosts: bool = False  # deliberate: http(s) media may not reach loopback/private networks
     media_root: str = ""  # local paths and file:// URLs are allowed only under this folder; empty = refused
-    max_concurrent_generations: int = 1
+    max_concurrent_generations: int = 8  # generations admitted at once (text ones share one batch)
+    max_batch_size: int = 8  # rows stepped together by the continuous batch
+    batching: str = "auto"  # auto = continuous batching for text models; off = one generate() per request
     max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
     keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
     persist_sessions: bool = False
@@ -141,6 +143,8 @@ class Settings:
             ("media_fetch_timeout_seconds", self.media_fetch_timeout_seconds > 0, "more than 0"),
             ("max_concurrent_generations", self.max_concurrent_generations >= 1, "at least 1"),
             ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
+            ("max_batch_size", self.max_batch_size >= 1, "at least 1"),
+            ("batching", self.batching in ("auto", "off"), "auto or off"),
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
             ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
             ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
@@ -1131,12 +1135,288 @@ def encode_vision(
     return vision.encode(template, images, videos)
 
 
+# ---- continuous batching -------------------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Token ids -> text deltas, one token at a time, never splitting a multi-byte character. Decodes only a
+    short window (the prefix/read offsets of TGI and vLLM), so each step costs the same however long the text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new yet, or half a character: wait for the next token
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :] if len(after) > len(before) else ""
+
+
+_BATCH_END = object()
+BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
+
+
+@dataclass
+class BatchRequest:
+    input_ids: Any  # (1, prompt_tokens), on the model's device
+    params: GenerationParams
+    cancel: threading.Event
+    decoder: IncrementalDecoder
+    generator: Any  # a torch.Generator of its own when sampling: seeds hold whatever else runs
+    out: queue.Queue[object] = field(default_factory=queue.Queue)
+    generated: int = 0
+    cached: int = 0  # real tokens in the KV cache, so the position of the next one
+    done: bool = False
+
+    def finish(self, reason: FinishReason) -> None:
+        tail = self.decoder.flush()
+        if tail:
+            self.out.put(Delta(tail))
+        self.out.put(Finished(reason, self.generated))
+        self.out.put(_BATCH_END)
+        self.done = True
+
+
+class BatchScheduler:
+    """Continuous batching: one thread steps every active request together. Newcomers are prefilled together
+    (one left-padded forward), their KV cache merged into the batch's (left-padded to a common length), and from
+    then on each step is one forward pass over all rows, each with its own position ids. Rows leave as they
+    finish or are cancelled; requests join and leave between steps. Device-agnostic: plain tensor ops on the
+    model's device."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+        self.loaded = loaded
+        self.max_batch = max_batch
+        self.eos = eos_ids(loaded)
+        config = loaded.model.generation_config
+        self.default_top_k = int(config.top_k or 0)  # what generate() would apply when sampling
+        self.default_top_p = config.top_p
+        self.pending: queue.Queue[BatchRequest] = queue.Queue()
+        self.active: list[BatchRequest] = []
+        self.cache: Any = None  # a DynamicCache with one row per active request
+        self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
+        self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
+        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: BatchRequest) -> None:
+        self.pending.put(request)
+
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._admit(wait=not self.active)
+                    self._drop_cancelled()
+                    if self.active:
+                        self._step()
+            except Exception as exc:  # the batch is lost; every request in it gets the error
+                log.exception("batched generation failed")
+                for request in self.active:
+                    request.out.put(exc)
+                    request.out.put(_BATCH_END)
+                self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
+
+    def _admit(self, wait: bool) -> None:
+        """Takes waiting requests (up to the batch size) and prefills them together."""
+        newcomers: list[BatchRequest] = []
+        while len(self.active) + len(newcomers) < self.max_batch:
+            try:
+                block = wait and not newcomers
+                request = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if request.cancel.is_set():
+                request.finish("cancelled")
+            else:
+                newcomers.append(request)
+        if not newcomers:
+            return
+        try:
+            self._prefill(newcomers)
+        except Exception as exc:  # only these requests fail; the batch goes on
+            log.exception("prefill failed")
+            for request in newcomers:
+                request.done = True
+                request.out.put(exc)
+                request.out.put(_BATCH_END)
+
+    def _prefill(self, requests: list[BatchRequest]) -> None:
+        """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.loaded.model
+        lengths = [int(r.input_ids.shape[1]) for r in requests]
+        longest = max(lengths)
+        ids = torch.zeros((len(requests), longest), dtype=torch.long, device=requests[0].input_ids.device)
+        mask = torch.zeros_like(ids)
+        for row, (request, length) in enumerate(zip(requests, lengths, strict=True)):
+            ids[row, longest - length :] = request.input_ids[0]
+            mask[row, longest - length :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits  # fmt: skip
+        tokens = self._sample(logits[:, -1, :], requests)
+        self._merge(requests, cache, mask, tokens)
+        for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
+            request.cached = length
+            self._emit(request, int(token))
+        self._retire()
+
+    def _merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
+        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask."""
+        import torch
+        import torch.nn.functional as F
+
+        self.active.extend(requests)
+        if self.cache is None:
+            self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        self.next_tokens = torch.cat([self.next_tokens, tokens.view(-1, 1)])
+
+    def _step(self) -> None:
+        import torch
+
+        rows = len(self.active)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+        positions = torch.tensor([[r.cached] for r in self.active], device=self.mask.device)
+        logits = self.loaded.model(
+            input_ids=self.next_tokens,
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits
+        tokens = self._sample(logits[:, -1, :], self.active)
+        self.next_tokens = tokens.view(rows, 1)
+        for request, token in zip(self.active, tokens.tolist(), strict=True):
+            request.cached += 1
+            self._emit(request, int(token))
+        self._retire()
+
+    def _sample(self, logits: Any, requests: list[BatchRequest]) -> Any:
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        for row, request in enumerate(requests):
+            params = request.params
+            if params.temperature == 0:
+                continue
+            scores = logits[row].float() / params.temperature
+            if 0 < self.default_top_k < scores.shape[-1]:
+                scores[scores < scores.topk(self.default_top_k).values[-1]] = -float("inf")
+            top_p = params.top_p if params.top_p is not None else self.default_top_p
+            if top_p is not None and top_p < 1:
+                ordered, order = scores.sort(descending=True)
+                probabilities = ordered.softmax(-1)
+                outside = probabilities.cumsum(-1) - probabilities > top_p  # keep the smallest set reaching p
+                ordered[outside] = -float("inf")
+                scores = torch.full_like(scores, -float("inf")).scatter(0, order, ordered)
+            probabilities = scores.softmax(-1)
+            tokens[row] = torch.multinomial(probabilities, 1, generator=request.generator)[0]
+        return tokens
+
+    def _emit(self, request: BatchRequest, token: int) -> None:
+        request.generated += 1
+        if token in self.eos:
+            request.finish("stop")
+            return
+        text = request.decoder.push(token)
+        if text:
+            request.out.put(Delta(text))
+        if request.generated >= request.params.max_new_tokens:
+            request.finish("length")
+
+    def _drop_cancelled(self) -> None:
+        for request in self.active:
+            if request.cancel.is_set() and not request.done:
+                request.finish("cancelled")  # stops at this step: its row is not computed again
+        self._retire()
+
+    def _retire(self) -> None:
+        """Drops finished rows from the batch, then left-padding columns that no remaining row needs."""
+        keep = [i for i, request in enumerate(self.active) if not request.done]
+        if len(keep) == len(self.active):
+            return
+        if not keep:
+            self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.active = [self.active[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_tokens = self.mask[index], self.next_tokens[index]
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
+def batchable(loaded: LoadedModel) -> bool:
+    """Text-only models whose cache is plain (no sliding-window layers): the ones the scheduler can merge."""
+    config = loaded.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sliding = getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True)
+    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+    return loaded.vision is None and not sliding and layer_types == {"full_attention"}
+
+
+def stream_batched(
+    scheduler: BatchScheduler, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
+) -> Iterator[EngineEvent]:
+    import torch
+
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=scheduler.loaded.model.device)
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    request = BatchRequest(prompt.inputs["input_ids"], params, cancel, IncrementalDecoder(scheduler.loaded.tokenizer),
+                           generator)  # fmt: skip
+    scheduler.submit(request)
+    try:
+        while (item := request.out.get()) is not _BATCH_END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        cancel.set()  # a reader that leaves takes its row out at the next step
+
+
 class TransformersEngine:
     """The real engine: a `ModelHandle`, chat templating, and `infer_stream`."""
 
     def __init__(self, settings: Settings) -> None:
         self.handle = ModelHandle(settings)
         self.model_name = settings.model_repo_id
+        self._scheduler: BatchScheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     def is_loaded(self) -> bool:
         return self.handle.is_loaded
@@ -1176,7 +1456,22 @@ class TransformersEngine:
     def stream(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
     ) -> Iterator[EngineEvent]:
-        return infer_stream(self.handle.get(), prompt, params, cancel)
+        """Text requests join the continuous batch; what it cannot take (images, sliding-window caches, or
+        BATCHING=off) runs its own `generate` with a TextIteratorStreamer."""
+        loaded = self.handle.get()
+        scheduler = self.scheduler_for(loaded)
+        if scheduler is not None:
+            return stream_batched(scheduler, prompt, params, cancel)
+        return infer_stream(loaded, prompt, params, cancel)
+
+    def scheduler_for(self, loaded: LoadedModel) -> BatchScheduler | None:
+        settings = self.handle.settings
+        if settings.batching == "off" or not batchable(loaded):
+            return None
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(loaded, settings.max_batch_size)
+        return self._scheduler
 
 
 # ==== 7. Sessions ============================================================================================
@@ -1263,6 +1558,13 @@ class StoredSession:
     events: list[Event]
 
 
+@dataclass(frozen=True)
+class JournalOp:
+    sql: str
+    params: tuple[Any, ...]
+    on_commit: Callable[[], object] | None = None  # runs on the writer thread once the op is committed (or dropped)
+
+
 class SqliteJournal:
     """Sessions and events in SQLite (WAL). Writes are queued and committed in batches by one writer thread, so
     the token stream never waits on the disk; reads use their own connection. A failed write disables the
@@ -1274,7 +1576,7 @@ class SqliteJournal:
         self._read_lock = threading.Lock()
         self._reader = self._connect(path)
         migrate_journal(self._reader)
-        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._queue: queue.Queue[JournalOp | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._writer.start()
 
@@ -1288,9 +1590,9 @@ class SqliteJournal:
 
     # -- writes: queued, never blocking the caller --
 
-    def _put(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _put(self, sql: str, params: tuple[Any, ...], on_commit: Callable[[], object] | None = None) -> None:
         if self.error is None:
-            self._queue.put((sql, params))
+            self._queue.put(JournalOp(sql, params, on_commit))
 
     def record_session(self, session_id: str, meta: StreamMeta, request_json: str, created_at: float) -> None:
         meta_json = json.dumps(meta.__dict__)
@@ -1299,8 +1601,11 @@ class SqliteJournal:
             (session_id, SessionState.QUEUED, meta_json, request_json, created_at),
         )
 
-    def record_event(self, session_id: str, index: int, data: str) -> None:
-        self._put("INSERT OR REPLACE INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, index, data))
+    def record_event(
+        self, session_id: str, index: int, data: str, on_commit: Callable[[], object] | None = None
+    ) -> None:
+        sql = "INSERT OR REPLACE INTO events (session_id, idx, data) VALUES (?, ?, ?)"
+        self._put(sql, (session_id, index, data), on_commit)
 
     def record_state(self, session_id: str, state: str, ended_at: float | None) -> None:
         self._put("UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?", (state, ended_at, session_id))
@@ -1311,13 +1616,18 @@ class SqliteJournal:
             batch = [self._queue.get()]
             while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            ops = [op for op in batch if op is not None]
             try:
                 if self.error is None:
-                    self._commit(conn, [op for op in batch if op is not None])
+                    self._commit(conn, ops)
             except sqlite3.Error as exc:
                 self.error = f"session journal {self.path} failed: {exc}"
                 log.error("%s; serving goes on without persistence", self.error)
             finally:
+                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
+                    if op.on_commit is not None:
+                        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is waiting
+                            op.on_commit()
                 for _ in batch:
                     self._queue.task_done()
             if None in batch:
@@ -1325,11 +1635,11 @@ class SqliteJournal:
                 return
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _commit(conn: sqlite3.Connection, ops: list[JournalOp]) -> None:
         conn.execute("BEGIN")
         try:
-            for sql, params in ops:
-                conn.execute(sql, params)
+            for op in ops:
+                conn.execute(op.sql, op.params)
         except BaseException:
             conn.execute("ROLLBACK")  # deliberate: no half-written batch
             raise
@@ -1431,6 +1741,7 @@ class Session:
         self.ended_at: float | None = None
         self.readers = 0
         self.grace_timer: asyncio.TimerHandle | None = None  # set while nobody reads a running session
+        self.durable_index = -1  # with a journal: the last event index known to be committed
         self._changed = asyncio.Event()
 
     @classmethod
@@ -1439,6 +1750,7 @@ class Session:
         for event in stored.events:
             session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
         session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
+        session.durable_index = session.buffer.next_index - 1
         return session
 
     @property
@@ -1448,9 +1760,25 @@ class Session:
     def append(self, data: str) -> int:
         index = self.buffer.append(data)
         if self.journal is not None:
-            self.journal.record_event(self.key, index, data)
+            loop = asyncio.get_running_loop()
+            self.journal.record_event(
+                self.key, index, data, lambda: loop.call_soon_threadsafe(self._mark_durable, index)
+            )
         self._notify()
         return index
+
+    def _mark_durable(self, index: int) -> None:
+        if index > self.durable_index:
+            self.durable_index = index
+            self._notify()
+
+    @property
+    def readable_end(self) -> int:
+        """Events below this index may be sent. With a journal, only committed ones (write-ahead): a client
+        never holds an event that a crash could take back, so after a restart the indices it has stay valid."""
+        if self.journal is None or self.journal.error is not None:
+            return self.buffer.next_index
+        return self.durable_index + 1
 
     def _notify(self) -> None:
         self._changed.set()
@@ -1479,7 +1807,8 @@ class Session:
     async def wait_for_events(self, index: int, timeout_seconds: float) -> bool:
         """Waits until an event at `index` exists or the session ends; False on timeout."""
         changed = self._changed
-        if self.buffer.next_index > index or self.ended:
+        end = self.readable_end
+        if end > index or (self.ended and end >= self.buffer.next_index):
             return True
         try:
             await asyncio.wait_for(changed.wait(), timeout_seconds)
@@ -1797,7 +2126,12 @@ class DisconnectWatch:
 
 
 async def read_events(session: Session, start: int) -> list[Event]:
-    """Events from `start` on: from the ring buffer, or from the journal for what the ring has dropped."""
+    """Readable events from `start` on: from the ring buffer, or the journal for what the ring has dropped."""
+    end = session.readable_end
+    return [event for event in await read_stored_events(session, start) if event.index < end]
+
+
+async def read_stored_events(session: Session, start: int) -> list[Event]:
     try:
         return session.buffer.read_from(start)
     except EventsGone:

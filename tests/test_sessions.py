@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def test_read_events_falls_back_to_the_journal_for_dropped_events(tmp_path: Path
         for i in range(40):
             session.append(f"e{i}")
         assert session.buffer.first_index == 24
+        await asyncio.to_thread(journal.flush)
+        await asyncio.sleep(0.05)  # the commit callbacks reach the loop
         events = await main.read_events(session, 10)
         journal.close()
         return events
@@ -148,5 +151,33 @@ def test_read_events_without_journal_is_gone() -> None:
             session.append(f"e{i}")
         with pytest.raises(main.EventsGone):
             await main.read_events(session, 3)
+
+    asyncio.run(scenario())
+
+
+def test_with_a_journal_events_are_readable_only_once_committed(tmp_path: Path) -> None:
+    """Write-ahead: a client never receives an event a crash could take back."""
+
+    async def scenario() -> None:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        commit_allowed = threading.Event()
+        commit = journal._commit
+
+        def held_commit(conn: sqlite3.Connection, ops: list[main.JournalOp]) -> None:
+            commit_allowed.wait(10)
+            commit(conn, ops)
+
+        journal._commit = held_commit  # type: ignore[method-assign]
+        session = main.Session("w", META, capacity=16, journal=journal)
+        session.append("e0")
+        session.append("e1")
+        assert session.readable_end == 0
+        assert await main.read_events(session, 0) == []
+        assert await session.wait_for_events(0, 0.05) is False  # nothing to send yet: a keep-alive tick
+        commit_allowed.set()
+        assert await session.wait_for_events(0, 5) is True
+        await asyncio.sleep(0.05)
+        assert await main.read_events(session, 0) == [main.Event(0, "e0"), main.Event(1, "e1")]
+        journal.close()
 
     asyncio.run(scenario())

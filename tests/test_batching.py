@@ -1,0 +1,224 @@
+"""Continuous batching: concurrent greedy requests give exactly their solo text; requests join mid-way, end at
+their own max_tokens, and are cancelled alone; one engine thread steps them all."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+import main
+from conftest import LiveServer, make_settings
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a color.",
+    "Tell me about rivers and the sea and the light over the old city",
+    "hi",
+]
+
+
+def messages(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def greedy(max_new_tokens: int, **kwargs: Any) -> main.GenerationParams:
+    return main.GenerationParams(max_new_tokens=max_new_tokens, temperature=kwargs.pop("temperature", 0), **kwargs)
+
+
+def run(
+    engine: main.TransformersEngine,
+    text: str,
+    params: main.GenerationParams,
+    cancel: threading.Event | None = None,
+    on_delta: Callable[[int], None] | None = None,
+) -> tuple[str, main.Finished]:
+    prompt = engine.prepare(messages(text), params)
+    pieces: list[str] = []
+    finished = None
+    for event in engine.stream(prompt, params, cancel or threading.Event()):
+        if isinstance(event, main.Delta):
+            pieces.append(event.text)
+            if on_delta:
+                on_delta(len(pieces))
+        else:
+            finished = event
+    assert finished is not None
+    return "".join(pieces), finished
+
+
+def concurrently(*jobs: Callable[[], Any]) -> list[Any]:
+    results: list[Any] = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = jobs[i]()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> main.TransformersEngine:
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> main.TransformersEngine:
+    """The same model on the one-generate-per-request path: what each request gets when it runs alone."""
+    reference = main.TransformersEngine(
+        make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", batching="off")
+    )
+    reference.load()
+    return reference
+
+
+# ---- the decoder ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["the capital of france is paris", "café crème, naïve façade", "日本語 and 😀 ok", ""])
+def test_incremental_decoder_joins_to_the_full_decode(engine: main.TransformersEngine, text: str) -> None:
+    tokenizer = engine.handle.get().tokenizer
+    ids = tokenizer(text)["input_ids"]
+    decoder = main.IncrementalDecoder(tokenizer)
+    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas if "\ufffd" not in text)  # never half a character
+
+
+# ---- equal to solo ------------------------------------------------------------------------------------------------
+
+
+def test_the_batched_path_is_chosen_for_text_models(engine: main.TransformersEngine) -> None:
+    loaded = engine.handle.get()
+    assert main.batchable(loaded) and engine.scheduler_for(loaded) is not None
+
+
+def test_four_concurrent_greedy_requests_equal_their_solo_outputs(
+    engine: main.TransformersEngine, reference: main.TransformersEngine
+) -> None:
+    solo = [run(reference, q, greedy(20)) for q in QUESTIONS]
+    together = concurrently(*[lambda q=q: run(engine, q, greedy(20)) for q in QUESTIONS])
+    assert [text for text, _ in together] == [text for text, _ in solo]
+    assert [f for _, f in together] == [main.Finished("length", 20)] * 4
+    generate_threads = [t for t in threading.enumerate() if t.name == "generate"]
+    assert generate_threads == []  # no generate() thread per request: one batch thread did it all
+    assert [t.name for t in threading.enumerate()].count("batch-engine") == 1
+
+
+def test_different_max_tokens_end_at_their_own_lengths(
+    engine: main.TransformersEngine, reference: main.TransformersEngine
+) -> None:
+    lengths = [3, 17, 8, 30]
+    together = concurrently(
+        *[lambda q=q, n=n: run(engine, q, greedy(n)) for q, n in zip(QUESTIONS, lengths, strict=True)]
+    )
+    assert [f.completion_tokens for _, f in together] == lengths
+    assert [f.finish_reason for _, f in together] == ["length"] * 4
+    assert [t for t, _ in together] == [
+        run(reference, q, greedy(n))[0] for q, n in zip(QUESTIONS, lengths, strict=True)
+    ]
+
+
+def test_a_request_joining_mid_way_gets_its_solo_text(
+    engine: main.TransformersEngine, reference: main.TransformersEngine
+) -> None:
+    halfway = threading.Event()
+    results: dict[str, str] = {}
+
+    def first() -> None:
+        results["a"] = run(engine, QUESTIONS[2], greedy(60), on_delta=lambda n: n == 10 and halfway.set())[0]
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert halfway.wait(60)
+    results["b"] = run(engine, QUESTIONS[0], greedy(25))[0]  # joins while the first is decoding
+    thread.join(60)
+    assert results["a"] == run(reference, QUESTIONS[2], greedy(60))[0]
+    assert results["b"] == run(reference, QUESTIONS[0], greedy(25))[0]
+
+
+def test_cancel_of_one_leaves_the_others_intact(
+    engine: main.TransformersEngine, reference: main.TransformersEngine
+) -> None:
+    cancel = threading.Event()
+    jobs = [
+        lambda: run(engine, QUESTIONS[0], greedy(40)),
+        lambda: run(engine, QUESTIONS[1], greedy(200), cancel, on_delta=lambda n: n == 5 and cancel.set()),
+        lambda: run(engine, QUESTIONS[2], greedy(40)),
+    ]
+    (a, fa), (_, fb), (c, fc) = concurrently(*jobs)
+    assert fb.finish_reason == "cancelled" and fb.completion_tokens < 10
+    assert (a, fa) == run(reference, QUESTIONS[0], greedy(40))
+    assert (c, fc) == run(reference, QUESTIONS[2], greedy(40))
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine: main.TransformersEngine) -> None:
+    sampled = greedy(15, temperature=1.0, top_p=0.9, seed=1234)
+    alone = run(engine, QUESTIONS[0], sampled)[0]
+    beside = concurrently(
+        lambda: run(engine, QUESTIONS[0], sampled),
+        lambda: run(engine, QUESTIONS[1], greedy(15, temperature=1.0, seed=99)),
+    )
+    assert beside[0][0] == alone
+    other_seed = run(engine, QUESTIONS[0], greedy(15, temperature=1.0, top_p=0.9, seed=4321))[0]
+    assert other_seed != alone
+
+
+def test_a_reader_that_leaves_frees_its_row(engine: main.TransformersEngine) -> None:
+    params = greedy(5000)
+    cancel = threading.Event()
+    stream = engine.stream(engine.prepare(messages("hi"), params), params, cancel)
+    next(stream)
+    stream.close()
+    assert cancel.is_set()
+    assert run(engine, QUESTIONS[0], greedy(5))[1] == main.Finished("length", 5)  # the batch moves on
+
+
+def test_vision_models_and_batching_off_use_generate(engine: main.TransformersEngine, tiny_vl_dir: Path) -> None:
+    vl = main.TransformersEngine(make_settings(model_repo_id=str(tiny_vl_dir), device_map="cpu"))
+    assert vl.scheduler_for(vl.handle.get()) is None
+    off = main.TransformersEngine(make_settings(model_repo_id=str(engine.handle.settings.model_repo_id),
+                                                device_map="cpu", batching="off"))  # fmt: skip
+    assert off.scheduler_for(off.handle.get()) is None
+
+
+# ---- through the server, and on the real model ----------------------------------------------------------------
+
+
+def test_eight_concurrent_openai_streams_equal_their_solo_text(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", temperature=0, max_tokens=16)
+    with LiveServer(main.create_app(settings)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(q: str) -> str:
+            chunks = client.chat.completions.create(model="m", messages=messages(q), stream=True)  # type: ignore[call-overload]
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        questions = [QUESTIONS[i % 4] + " " * (i // 4) for i in range(8)]
+        texts = concurrently(*[lambda q=q: ask(q) for q in questions])
+    assert texts == [run(reference, q, greedy(16))[0] for q in questions]
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_answers_equal_solo_answers(smollm2_dir: Path) -> None:
+    batched = main.TransformersEngine(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu"))
+    solo = main.TransformersEngine(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", batching="off"))
+    questions = ["What is the capital of France?", "What is 2 + 2?", "Name a planet.", "Say hello in Spanish."]
+    expected = [run(solo, q, greedy(24)) for q in questions]
+    together = concurrently(*[lambda q=q: run(batched, q, greedy(24)) for q in questions])
+    assert together == expected
+    assert together[0][0] == "The capital of France is Paris."
