@@ -1,20 +1,27 @@
 """main.py - a single-file, OpenAI-compatible chat server for Hugging Face transformers models.
 
-Endpoints
-  POST /v1/chat/completions   OpenAI chat completions: JSON, or SSE when `stream: true`
-  GET  /v1/models             the one served model
-  GET  /health                status summary; /health/live (process up); /health/ready (model loaded, else 503)
+Endpoints (every /v1 route needs `Authorization: Bearer <key>` when API_KEY is set)
+  POST /v1/chat/completions         OpenAI chat completions: JSON, or SSE when `stream: true`; text, images,
+                                    videos; with `Last-Event-ID` (or ?last_event_id=) it resumes a stream instead
+  GET  /v1/sessions/{id}/events     the same resume for EventSource: events after Last-Event-ID, then the tail
+  GET  /v1/sessions/{id}            a session's state
+  POST /v1/cancel/{id}              stop a generation at its next token
+  GET  /v1/models                   the one served model
+  GET  /health, /health/live, /health/ready, /metrics (Prometheus)
 
 Streams
   Every SSE event carries `id: <session_id>:<index>` (index from 0, one per event, `[DONE]` included); the
-  session id is also sent as the `X-Session-Id` header. Generation is decoupled from the HTTP connection: a runner
-  appends events to a session, and every response only reads the session. The JSON response is a fold over the
-  same events.
+  session id is also the `X-Session-Id` header. Generation is decoupled from the HTTP connection: a runner
+  appends events to a session (ring buffer, optionally journaled in SQLite), and every response only reads it,
+  so a client that drops reconnects with Last-Event-ID and gets exactly what it missed. Nobody reading for
+  CANCEL_AFTER_DISCONNECT_SECONDS cancels the generation. The JSON response is a fold over the same events.
+  Text requests share one continuous batch; requests with media run their own generate().
 
 Errors
-  Always `{"error": {"message", "type", "param", "code"}}`: bad input 400, unknown route 404, overload 429 (with
-  Retry-After), model not ready or failed to load 503, anything else 500 with no internals. An error after the
-  stream started is one `data:` event holding an `error` object, then `data: [DONE]`.
+  Always `{"error": {"message", "type", "param", "code"}}`: bad input 400, bad key 401, unknown route or
+  session 404, expired events 410, body too large 413, overload 429 (with Retry-After), model not ready or failed
+  to load 503, anything else 500 with no internals. An error after the stream started is one `data:` event
+  holding an `error` object, then `data: [DONE]`.
 
 Configuration
   Environment variables (or a `.env` file), one per `Settings` field, named as the field in upper case; see
@@ -1193,11 +1200,11 @@ class BatchRequest:
 
 
 class BatchScheduler:
-    """Continuous batching: one thread steps every active request together. Newcomers are prefilled together
-    (one left-padded forward), their KV cache merged into the batch's (left-padded to a common length), and from
-    then on each step is one forward pass over all rows, each with its own position ids. Rows leave as they
-    finish or are cancelled; requests join and leave between steps. Device-agnostic: plain tensor ops on the
-    model's device."""
+    """Continuous batching: one thread steps every active request together. Newcomers are prefilled (together
+    in one left-padded forward on accelerators, one by one on CPU), their KV cache merged into the batch's
+    (left-padded to a common length), and from then on each step is one forward pass over all rows, each with
+    its own position ids. Rows leave as they finish or are cancelled; requests join and leave between steps.
+    Device-agnostic: plain tensor ops on the model's device."""
 
     def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
         self.loaded = loaded
@@ -1206,6 +1213,7 @@ class BatchScheduler:
         config = loaded.model.generation_config
         self.default_top_k = int(config.top_k or 0)  # what generate() would apply when sampling
         self.default_top_p = config.top_p
+        self.prefill_together = loaded.model.device.type != "cpu"
         self.pending: queue.Queue[BatchRequest] = queue.Queue()
         self.active: list[BatchRequest] = []
         self.cache: Any = None  # a DynamicCache with one row per active request
@@ -1247,16 +1255,19 @@ class BatchScheduler:
                 request.finish("cancelled")
             else:
                 newcomers.append(request)
-        if not newcomers:
-            return
-        try:
-            self._prefill(newcomers)
-        except Exception as exc:  # only these requests fail; the batch goes on
-            log.exception("prefill failed")
-            for request in newcomers:
-                request.done = True
-                request.out.put(exc)
-                request.out.put(_BATCH_END)
+        # deliberate: on CPU prefill is compute-bound, so prompts prefilled together all wait for the slowest;
+        # one at a time, each gets its first token as soon as its own prefill is done. On accelerators,
+        # prefilling together is nearly free.
+        groups = [newcomers] if self.prefill_together and newcomers else [[request] for request in newcomers]
+        for group in groups:
+            try:
+                self._prefill(group)
+            except Exception as exc:  # only these requests fail; the batch goes on
+                log.exception("prefill failed")
+                for request in group:
+                    request.done = True
+                    request.out.put(exc)
+                    request.out.put(_BATCH_END)
 
     def _prefill(self, requests: list[BatchRequest]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -1997,11 +2008,6 @@ def to_error_event(exc: BaseException) -> dict[str, Any]:
     return make_error("internal error during generation", "server_error", None, "internal_error")
 
 
-@dataclass(frozen=True)
-class RunLimits:
-    max_seconds: float  # 0 = no cap
-
-
 class DeltaClock:
     """Feeds the time-to-first-token and per-token latency histograms."""
 
@@ -2030,7 +2036,7 @@ def limit_runtime(session: Session, max_seconds: float) -> asyncio.TimerHandle |
 
 async def generate_into(
     session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
-    metrics: Metrics, limits: RunLimits,
+    metrics: Metrics, max_seconds: float,
 ) -> Finished:  # fmt: skip
     """Waits for a slot, then appends content chunks; returns how it finished. Stop strings end it early."""
     meta, stop, clock = session.meta, StopMatcher(params.stop), DeltaClock(metrics)
@@ -2039,7 +2045,7 @@ async def generate_into(
         if not acquired:
             return finished  # cancelled while queued: the model never ran
         session.set_state(SessionState.RUNNING)
-        timer = limit_runtime(session, limits.max_seconds)
+        timer = limit_runtime(session, max_seconds)
         try:
             async for item in drain_in_thread(engine, prompt, params, session.cancel):
                 if isinstance(item, Finished):
@@ -2067,13 +2073,13 @@ async def generate_into(
 
 async def run_generation(
     session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
-    metrics: Metrics, limits: RunLimits,
+    metrics: Metrics, max_seconds: float,
 ) -> None:  # fmt: skip
     """Drives one generation into one session: role chunk, content deltas, finish, usage, [DONE]."""
     meta, started = session.meta, time.perf_counter()
     session.append(json.dumps(make_chunk(meta, {"role": "assistant", "content": ""})))
     try:
-        finished = await generate_into(session, engine, prompt, params, gate, metrics, limits)
+        finished = await generate_into(session, engine, prompt, params, gate, metrics, max_seconds)
         session.append(json.dumps(make_chunk(meta, {}, finished.finish_reason)))
         if meta.include_usage:
             usage = make_usage(prompt.prompt_tokens, finished.completion_tokens)
@@ -2240,8 +2246,8 @@ async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str
     meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
     session = state.store.create(meta, request.session_id, request.model_dump_json(), owner)
     log.info("session %s started: %d prompt tokens, stream=%s", session.id, prompt.prompt_tokens, request.stream)
-    limits = RunLimits(state.settings.max_generation_seconds)
-    state.spawn(run_generation(session, state.engine, prompt, params, state.gate, state.metrics, limits))
+    max_seconds = state.settings.max_generation_seconds
+    state.spawn(run_generation(session, state.engine, prompt, params, state.gate, state.metrics, max_seconds))
     return session
 
 

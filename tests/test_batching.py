@@ -222,3 +222,28 @@ def test_smollm2_concurrent_answers_equal_solo_answers(smollm2_dir: Path) -> Non
     together = concurrently(*[lambda q=q: run(batched, q, greedy(24)) for q in questions])
     assert together == expected
     assert together[0][0] == "The capital of France is Paris."
+
+
+def test_prefilling_newcomers_together_gives_the_same_text(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    """The accelerator path (CPU prefills one by one): prompts of different lengths in one left-padded forward."""
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None and scheduler.prefill_together is False  # CPU
+    scheduler.prefill_together = True
+    groups: list[int] = []
+    prefill = scheduler._prefill
+
+    def recording_prefill(requests: list[main.BatchRequest]) -> None:
+        groups.append(len(requests))
+        prefill(requests)
+
+    scheduler._prefill = recording_prefill  # type: ignore[method-assign]
+    expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
+    for _ in range(5):  # arrivals race the batch thread; a few tries give a group of several
+        texts = [t for t, _ in concurrently(*[lambda q=q: run(engine, q, greedy(12)) for q in QUESTIONS])]
+        assert texts == expected
+        if max(groups) > 1:
+            break
+    assert max(groups) > 1
