@@ -2443,7 +2443,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings)
-        log.info("serving %s on %s:%d", settings.model_repo_id, settings.host, settings.port)
+        log.info("serving %s", settings.model_repo_id)  # uvicorn logs the address it really bound
         if settings.persist_sessions:
             await open_journal(state)
         if settings.preload_model:
