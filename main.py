@@ -338,6 +338,9 @@ class APIError(Exception):
         self.code = code or self.code
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return make_error(self.message, self.type, self.param, self.code)
+
 
 class BadRequest(APIError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
@@ -372,8 +375,7 @@ def make_error(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    body = make_error(exc.message, exc.type, exc.param, exc.code)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def to_param_path(location: tuple[int | str, ...]) -> str | None:
@@ -546,6 +548,15 @@ def make_completion(
     }
 
 
+class StreamFailed(APIError):
+    """Raised by the JSON fold when the stream ended with an error event."""
+
+    def __init__(self, message: str, type_: str, code: str | None) -> None:
+        super().__init__(message, code=code)
+        self.type = type_
+        self.status = 503 if type_ == ModelNotReady.type else 500
+
+
 def fold_completion(meta: StreamMeta, event_data: list[str]) -> dict[str, Any]:
     """The JSON answer is the fold of the stream's event payloads; an error event raises it."""
     text, finish_reason, usage = "", None, None
@@ -561,15 +572,6 @@ def fold_completion(meta: StreamMeta, event_data: list[str]) -> dict[str, Any]:
             finish_reason = choice["finish_reason"] or finish_reason
         usage = payload.get("usage") or usage
     return make_completion(meta, text, finish_reason, usage)
-
-
-class StreamFailed(APIError):
-    """Raised by the JSON fold when the stream ended with an error event."""
-
-    def __init__(self, message: str, type_: str, code: str | None) -> None:
-        super().__init__(message, code=code)
-        self.type = type_
-        self.status = 503 if type_ == ModelNotReady.type else 500
 
 
 def to_text(content: str | list[Any] | None) -> str:
@@ -2004,7 +2006,7 @@ async def drain_in_thread(
 
 def to_error_event(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, APIError):
-        return make_error(exc.message, exc.type, exc.param, exc.code)
+        return exc.body()
     return make_error("internal error during generation", "server_error", None, "internal_error")
 
 
@@ -2179,7 +2181,7 @@ async def sse_body(
             else:
                 yield encode_sse(event.data, format_event_id(session.id, event.index))
     except APIError as exc:  # headers are sent: the error becomes the stream's last events
-        yield encode_sse(json.dumps(make_error(exc.message, exc.type, exc.param, exc.code)))
+        yield encode_sse(json.dumps(exc.body()))
         yield encode_sse(DONE)
 
 
