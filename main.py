@@ -492,6 +492,11 @@ def make_interrupted_error() -> dict[str, Any]:
     )
 
 
+def interrupted_tail() -> list[str]:
+    """The last events of a generation the server left behind, whether it shut down or crashed."""
+    return [json.dumps(make_interrupted_error()), DONE]
+
+
 def encode_sse(data: str, event_id: str | None = None) -> bytes:
     """One SSE event; multi-line data becomes several `data:` lines, as the SSE spec requires."""
     head = f"id: {event_id}\n" if event_id is not None else ""
@@ -1706,8 +1711,7 @@ class SqliteJournal:
             conn.execute("BEGIN")
             for session_id in ids:
                 (last,) = conn.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
-                tail = [json.dumps(make_interrupted_error()), DONE]
-                for offset, data in enumerate(tail, 0 if last is None else last + 1):
+                for offset, data in enumerate(interrupted_tail(), 0 if last is None else last + 1):
                     conn.execute(
                         "INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, offset, data)
                     )
@@ -2325,8 +2329,8 @@ async def sweep_sessions(state: AppState) -> None:
 def interrupt_session(session: Session) -> None:
     """Ends a session the server is leaving behind: the same tail a restart's recovery would journal."""
     session.cancel.set()
-    session.append(json.dumps(make_interrupted_error()))
-    session.append(DONE)
+    for data in interrupted_tail():
+        session.append(data)
     session.set_state(SessionState.INTERRUPTED)
 
 
