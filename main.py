@@ -37,6 +37,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import functools
 import hashlib
 import hmac
 import io
@@ -121,6 +122,7 @@ class Settings:
     max_concurrent_generations: int = 8  # generations admitted at once (text ones share one batch)
     max_batch_size: int = 8  # rows stepped together by the continuous batch
     batching: str = "auto"  # auto = continuous batching for text models; off = one generate() per request
+    prefill_batch_tokens: int = 0  # prompt tokens (padded) one prefill forward takes; 0 = 256 on CPU, 4096 else
     max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
     keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
     persist_sessions: bool = False
@@ -152,6 +154,7 @@ class Settings:
             ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
             ("max_batch_size", self.max_batch_size >= 1, "at least 1"),
             ("batching", self.batching in ("auto", "off"), "auto or off"),
+            ("prefill_batch_tokens", self.prefill_batch_tokens >= 0, "0 or more"),
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
             ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
             ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
@@ -1183,6 +1186,53 @@ class IncrementalDecoder:
 
 _BATCH_END = object()
 BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
+CPU_PREFILL_TOKENS = 256  # default prefill group size on CPU: measured, see BatchScheduler._next_group
+ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free up to thousands of tokens
+KV_ROOM_TOKENS = 256  # a batch's key/value buffers grow by this many positions at a time
+
+
+@functools.cache
+def growing_layer() -> type:
+    """A `DynamicLayer` whose keys and values are views into a buffer with room to spare, so a decode step writes
+    one position in place where `DynamicLayer` would `torch.cat` (copy) every layer's whole cache. Anything that
+    replaces `keys`/`values` (a merge, a dropped row) is adopted into a fresh buffer at the next update. Built on
+    first use: transformers is imported lazily."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[misc,no-untyped-call]
+        buffers: tuple[Any, Any] | None = None
+        views: tuple[Any, Any] = (None, None)  # what `update` last returned, to notice replaced keys/values
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            needed = length + key_states.shape[-2]
+            buffers = self.buffers
+            if buffers is None or self.keys is not self.views[0] or buffers[0].shape[-2] < needed:
+                buffers = self.buffers = self._adopt(length, needed, key_states)
+            for buffer, states in zip(buffers, (key_states, value_states), strict=True):
+                buffer[:, :, length:needed] = states
+            self.views = self.keys, self.values = buffers[0][:, :, :needed], buffers[1][:, :, :needed]
+            return self.keys, self.values
+
+        def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
+            """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
+            rows, heads, _, dim = like.shape
+            room = -(-needed // KV_ROOM_TOKENS) * KV_ROOM_TOKENS
+            buffers = like.new_empty((rows, heads, room, dim)), like.new_empty((rows, heads, room, dim))
+            if length:
+                buffers[0][:, :, :length] = self.keys
+                buffers[1][:, :, :length] = self.values
+            return buffers
+
+    return GrowingLayer
+
+
+def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bool:
+    """Whether a prompt of `length` tokens joins a prefill group of `size` prompts (the longest `longest`) within
+    `budget` padded tokens. The first prompt of a group always does, however long."""
+    return size == 0 or (size + 1) * max(longest, length) <= budget
 
 
 @dataclass
@@ -1207,21 +1257,23 @@ class BatchRequest:
 
 
 class BatchScheduler:
-    """Continuous batching: one thread steps every active request together. Newcomers are prefilled (together
-    in one left-padded forward on accelerators, one by one on CPU), their KV cache merged into the batch's
-    (left-padded to a common length), and from then on each step is one forward pass over all rows, each with
-    its own position ids. Rows leave as they finish or are cancelled; requests join and leave between steps.
+    """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
+    next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
+    batch's (left-padded to a common length), and from then on each step is one forward pass over all rows, each
+    with its own position ids. Rows leave as they finish or are cancelled; requests join and leave between steps.
     Device-agnostic: plain tensor ops on the model's device."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
+        on_cpu = loaded.model.device.type == "cpu"
+        self.prefill_tokens = prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else ACCELERATOR_PREFILL_TOKENS)
         self.eos = eos_ids(loaded)
         config = loaded.model.generation_config
         self.default_top_k = int(config.top_k or 0)  # what generate() would apply when sampling
         self.default_top_p = config.top_p
-        self.prefill_together = loaded.model.device.type != "cpu"
         self.pending: queue.Queue[BatchRequest] = queue.Queue()
+        self.held: BatchRequest | None = None  # taken from `pending` but left for the next prefill group
         self.active: list[BatchRequest] = []
         self.cache: Any = None  # a DynamicCache with one row per active request
         self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
@@ -1238,7 +1290,7 @@ class BatchScheduler:
         while True:
             try:
                 with torch.inference_mode():
-                    self._admit(wait=not self.active)
+                    self._admit()
                     self._drop_cancelled()
                     if self.active:
                         self._step()
@@ -1249,24 +1301,11 @@ class BatchScheduler:
                     request.out.put(_BATCH_END)
                 self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
 
-    def _admit(self, wait: bool) -> None:
-        """Takes waiting requests (up to the batch size) and prefills them together."""
-        newcomers: list[BatchRequest] = []
-        while len(self.active) + len(newcomers) < self.max_batch:
-            try:
-                block = wait and not newcomers
-                request = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
-            except queue.Empty:
-                break
-            if request.cancel.is_set():
-                request.finish("cancelled")
-            else:
-                newcomers.append(request)
-        # deliberate: on CPU prefill is compute-bound, so prompts prefilled together all wait for the slowest;
-        # one at a time, each gets its first token as soon as its own prefill is done. On accelerators,
-        # prefilling together is nearly free.
-        groups = [newcomers] if self.prefill_together and newcomers else [[request] for request in newcomers]
-        for group in groups:
+    def _admit(self) -> None:
+        """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
+        a newcomer waits for at most one step plus the prefills ahead of it, and requests that arrive during a
+        prefill join the next group instead of waiting behind a step."""
+        while len(self.active) < self.max_batch and (group := self._next_group(wait=not self.active)):
             try:
                 self._prefill(group)
             except Exception as exc:  # only these requests fail; the batch goes on
@@ -1275,6 +1314,37 @@ class BatchScheduler:
                     request.done = True
                     request.out.put(exc)
                     request.out.put(_BATCH_END)
+
+    def _next_group(self, wait: bool) -> list[BatchRequest]:
+        """Waiting requests, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
+        longer prompt goes alone). Deliberate: on CPU prefill is compute-bound, so a group costs nearly the sum
+        of its prompts and all of them wait for it; groups of a few prompts were measured fastest per prompt
+        without making the first ones wait for many others (CLAUDE.md)."""
+        group: list[BatchRequest] = []
+        longest = 0
+        while len(self.active) + len(group) < self.max_batch:
+            request = self._take(block=wait and not group)
+            if request is None:
+                break
+            if request.cancel.is_set():
+                request.finish("cancelled")
+                continue
+            length = int(request.input_ids.shape[1])
+            if not joins_prefill_group(len(group), longest, length, self.prefill_tokens):
+                self.held = request  # first in line for the next group
+                break
+            group.append(request)
+            longest = max(longest, length)
+        return group
+
+    def _take(self, block: bool) -> BatchRequest | None:
+        if self.held is not None:
+            request, self.held = self.held, None
+            return request
+        try:
+            return self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
+        except queue.Empty:
+            return None
 
     def _prefill(self, requests: list[BatchRequest]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -1291,6 +1361,7 @@ class BatchScheduler:
             mask[row, longest - length :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
         cache = DynamicCache(config=model.config)
+        cache.layers = [growing_layer()() for _ in cache.layers]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits  # fmt: skip
         tokens = self._sample(logits[:, -1, :], requests)
@@ -1488,7 +1559,7 @@ class TransformersEngine:
             return None
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = BatchScheduler(loaded, settings.max_batch_size)
+                self._scheduler = BatchScheduler(loaded, settings.max_batch_size, settings.prefill_batch_tokens)
         return self._scheduler
 
 

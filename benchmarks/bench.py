@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -241,6 +242,13 @@ class StreamResult:
         return (self.first_content or self.end) - self.sent
 
 
+@functools.cache
+def http() -> httpx.Client:
+    """One pooled client for every request, as an SDK user holds one: a new `httpx.Client` per request costs ~25 ms
+    of CPU (its SSL context) under the GIL, which 8 threads serialize into ~200 ms of fake time to first token."""
+    return httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, limits=httpx.Limits(max_connections=64))
+
+
 def iter_sse_lines(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
     event_id = None
     for line in response.iter_lines():
@@ -253,7 +261,7 @@ def iter_sse_lines(response: httpx.Response) -> Iterator[tuple[str | None, str]]
 def stream_chat(url: str, body: dict[str, Any], on_event: Callable[[StreamResult], bool] | None = None) -> StreamResult:
     """One streaming request; `on_event` may return True to stop reading."""
     result = StreamResult(sent=time.perf_counter())
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+    with http().stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         result.session_id = response.headers.get("x-session-id")
         for event_id, data in iter_sse_lines(response):
@@ -315,6 +323,32 @@ def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str
                               ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))])  # fmt: skip
 
 
+def measure_joining(url: str, others: int, new_tokens: int, runs: int) -> float:
+    """TTFT (median) of a request sent once `others` streams are all decoding: it should wait for at most one
+    decode step plus its own prefill, not for the others to finish."""
+    ttfts = []
+    for _ in range(runs):
+        decoding = threading.Semaphore(0)
+
+        def other(i: int, decoding: threading.Semaphore = decoding) -> None:
+            def count(result: StreamResult) -> bool:
+                if result.content_events == 3 and result.first_content is not None:
+                    decoding.release()
+                return False
+
+            stream_chat(url, chat_body(i, new_tokens), count)
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(others)]
+        for t in threads:
+            t.start()
+        for _ in range(others):
+            decoding.acquire(timeout=REQUEST_TIMEOUT_SECONDS)
+        ttfts.append(stream_chat(url, chat_body(others, 16)).ttft)
+        for t in threads:
+            t.join(REQUEST_TIMEOUT_SECONDS)
+    return statistics.median(ttfts)
+
+
 def measure_single(url: str, new_tokens: int, runs: int, model: str | None = None) -> tuple[float, float]:
     """(decode tok/s counted from the first content event, TTFT), medians."""
     stream_chat(url, chat_body(0, new_tokens, model))
@@ -331,7 +365,7 @@ def measure_cancel(url: str, runs: int) -> float:
         def cancel_after_five(result: StreamResult, marks: dict[str, float] = marks) -> bool:
             if result.content_events == 5 and "sent" not in marks:
                 marks["sent"] = time.perf_counter()
-                threading.Thread(target=httpx.post, args=(f"{url}/v1/cancel/{result.session_id}",)).start()
+                threading.Thread(target=http().post, args=(f"{url}/v1/cancel/{result.session_id}",)).start()
             return False
 
         result = stream_chat(url, chat_body(1, 2000), cancel_after_five)
@@ -343,7 +377,7 @@ def time_to_first_replayed_event(url: str, session_id: str, after: int) -> float
     started = time.perf_counter()
     headers = {"Last-Event-ID": f"{session_id}:{after}"}
     url = f"{url}/v1/sessions/{session_id}/events"
-    with httpx.stream("GET", url, headers=headers, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+    with http().stream("GET", url, headers=headers) as response:
         response.raise_for_status()
         next(iter_sse_lines(response))
         return time.perf_counter() - started
@@ -394,7 +428,11 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                        f"{ratio(figures.aggregate_tok_s, raw.batch_tok_s)} of raw batch-{batch}")  # fmt: skip
             if n == top:
                 report.add(f"server TTFT p50 / p95, {n} concurrent",
-                           f"{figures.ttft_p50 * 1000:.0f} / {figures.ttft_p95 * 1000:.0f} ms")  # fmt: skip
+                           f"{figures.ttft_p50 * 1000:.0f} / {figures.ttft_p95 * 1000:.0f} ms",
+                           f"p50 {ratio(figures.ttft_p50, ttft)} of 1 stream; all {n} sent at once")  # fmt: skip
+        joining = measure_joining(ours.url, top - 1, args.new_tokens, args.runs)
+        streams = f"{top - 1} decoding stream{'s' if top > 2 else ''}"
+        report.add(f"server TTFT, joining {streams}", f"{joining * 1000:.0f} ms", f"{ratio(joining, ttft)} of 1 stream")
         report.add(
             "cancel latency (POST /v1/cancel -> end of stream)", f"{measure_cancel(ours.url, args.runs) * 1000:.0f} ms"
         )

@@ -224,14 +224,7 @@ def test_smollm2_concurrent_answers_equal_solo_answers(smollm2_dir: Path) -> Non
     assert together[0][0] == "The capital of France is Paris."
 
 
-def test_prefilling_newcomers_together_gives_the_same_text(
-    tiny_model_dir: Path, reference: main.TransformersEngine
-) -> None:
-    """The accelerator path (CPU prefills one by one): prompts of different lengths in one left-padded forward."""
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    scheduler = engine.scheduler_for(engine.handle.get())
-    assert scheduler is not None and scheduler.prefill_together is False  # CPU
-    scheduler.prefill_together = True
+def record_prefill_groups(scheduler: main.BatchScheduler) -> list[int]:
     groups: list[int] = []
     prefill = scheduler._prefill
 
@@ -240,6 +233,17 @@ def test_prefilling_newcomers_together_gives_the_same_text(
         prefill(requests)
 
     scheduler._prefill = recording_prefill  # type: ignore[method-assign]
+    return groups
+
+
+def test_newcomers_are_prefilled_in_groups_and_give_the_same_text(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    """Prompts of different lengths in one left-padded forward (the default 256-token budget on CPU)."""
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None and scheduler.prefill_tokens == main.CPU_PREFILL_TOKENS
+    groups = record_prefill_groups(scheduler)
     expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
     for _ in range(5):  # arrivals race the batch thread; a few tries give a group of several
         texts = [t for t, _ in concurrently(*[lambda q=q: run(engine, q, greedy(12)) for q in QUESTIONS])]
@@ -247,3 +251,62 @@ def test_prefilling_newcomers_together_gives_the_same_text(
         if max(groups) > 1:
             break
     assert max(groups) > 1
+
+
+def test_a_prefill_budget_smaller_than_a_prompt_prefills_one_by_one(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=1)
+    engine = main.TransformersEngine(settings)
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None
+    groups = record_prefill_groups(scheduler)
+    expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
+    for _ in range(3):
+        texts = [t for t, _ in concurrently(*[lambda q=q: run(engine, q, greedy(12)) for q in QUESTIONS])]
+        assert texts == expected
+    assert set(groups) == {1} and len(groups) == 3 * len(QUESTIONS)
+
+
+@pytest.mark.parametrize(
+    ("size", "longest", "length", "budget", "joins"),
+    [
+        (0, 0, 5000, 256, True),  # the first prompt of a group always goes, however long
+        (1, 50, 50, 256, True),  # 2 x 50 = 100
+        (4, 50, 50, 256, True),  # 5 x 50 = 250
+        (5, 50, 50, 256, False),  # 6 x 50 = 300
+        (1, 20, 200, 256, False),  # padded to the newcomer's length: 2 x 200 = 400
+        (1, 200, 20, 256, False),  # padded to the longest in the group: 2 x 200 = 400
+        (3, 64, 64, 256, True),  # exactly the budget
+    ],
+)
+def test_joins_prefill_group(size: int, longest: int, length: int, budget: int, joins: bool) -> None:
+    assert main.joins_prefill_group(size, longest, length, budget) is joins
+
+
+def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> None:
+    """Keys/values equal what DynamicLayer's torch.cat gives: past the buffer's room, and after a merge or a
+    dropped row replaces them (adopted into a fresh buffer)."""
+    import torch
+
+    layer = main.growing_layer()()
+    generator = torch.Generator().manual_seed(0)
+
+    def states(rows: int, length: int) -> Any:
+        return torch.randn(rows, 2, length, 4, generator=generator)
+
+    keys, values = states(3, 250), states(3, 250)
+    layer.update(keys, values)
+    first_buffer = layer.buffers[0]
+    for _ in range(10):  # 250 -> 260: crosses the 256-position room once
+        k, v = states(3, 1), states(3, 1)
+        out_k, out_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+    assert layer.buffers[0] is not first_buffer and layer.buffers[0].shape[-2] == 2 * main.KV_ROOM_TOKENS
+    layer.batch_select_indices(torch.tensor([0, 2]))  # a row leaves: keys/values replaced by a copy
+    keys, values = keys[[0, 2]], values[[0, 2]]
+    k, v = states(2, 1), states(2, 1)
+    out_k, out_v = layer.update(k, v)
+    assert torch.equal(out_k, torch.cat([keys, k], dim=-2)) and torch.equal(out_v, torch.cat([values, v], dim=-2))
+    assert layer.buffers[0].shape[0] == 2
