@@ -122,7 +122,7 @@ class Settings:
     max_concurrent_generations: int = 8  # generations admitted at once (text ones share one batch)
     max_batch_size: int = 8  # rows stepped together by the continuous batch
     batching: str = "auto"  # auto = continuous batching for text models; off = one generate() per request
-    prefill_batch_tokens: int = 0  # prompt tokens (padded) one prefill forward takes; 0 = 256 on CPU, 4096 else
+    prefill_batch_tokens: int = 0  # prompt tokens (padded) per prefill forward; 0 = 256 on CPU, 4096 on GPUs
     max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
     keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
     persist_sessions: bool = False
@@ -1216,6 +1216,16 @@ def growing_layer() -> type:
             self.views = self.keys, self.values = buffers[0][:, :, :needed], buffers[1][:, :, :needed]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: Any) -> None:
+            """Keeps the rows in `indices`: one copy, into buffers that keep their room (DynamicLayer's copy
+            would be adopted, so copied again, at the next update)."""
+            if self.buffers is None or self.keys is not self.views[0]:
+                super().batch_select_indices(indices)
+                return
+            length = self.get_seq_length()
+            buffers = self.buffers = self.buffers[0][indices], self.buffers[1][indices]
+            self.views = self.keys, self.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+
         def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
             """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
             rows, heads, _, dim = like.shape
@@ -1256,6 +1266,15 @@ class BatchRequest:
         self.done = True
 
 
+@dataclass
+class ChunkedPrefill:
+    """A prompt longer than the prefill budget, prefilled a slice per step into a cache of its own."""
+
+    request: BatchRequest
+    cache: Any
+    done: int = 0  # prompt tokens in `cache` so far
+
+
 class BatchScheduler:
     """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
     next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
@@ -1274,6 +1293,7 @@ class BatchScheduler:
         self.default_top_p = config.top_p
         self.pending: queue.Queue[BatchRequest] = queue.Queue()
         self.held: BatchRequest | None = None  # taken from `pending` but left for the next prefill group
+        self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
         self.active: list[BatchRequest] = []
         self.cache: Any = None  # a DynamicCache with one row per active request
         self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
@@ -1292,6 +1312,8 @@ class BatchScheduler:
                 with torch.inference_mode():
                     self._admit()
                     self._drop_cancelled()
+                    if self.chunked is not None:
+                        self._prefill_chunk(self.chunked)
                     if self.active:
                         self._step()
             except Exception as exc:  # the batch is lost; every request in it gets the error
@@ -1304,25 +1326,41 @@ class BatchScheduler:
     def _admit(self) -> None:
         """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
         a newcomer waits for at most one step plus the prefills ahead of it, and requests that arrive during a
-        prefill join the next group instead of waiting behind a step."""
-        while len(self.active) < self.max_batch and (group := self._next_group(wait=not self.active)):
+        prefill join the next group instead of waiting behind a step. A prompt longer than `prefill_tokens` is
+        prefilled in slices instead, one per step (`_prefill_chunk`), so it does not stall the others."""
+        while self._rows() < self.max_batch and (group := self._next_group(wait=self._idle())):
+            if len(group) == 1 and int(group[0].input_ids.shape[1]) > self.prefill_tokens:
+                if self.chunked is not None:
+                    self.held = group[0]  # one long prompt at a time; it waits for the current one
+                    return
+                self.chunked = ChunkedPrefill(group[0], self._new_cache())
+                continue
             try:
                 self._prefill(group)
             except Exception as exc:  # only these requests fail; the batch goes on
-                log.exception("prefill failed")
-                for request in group:
-                    request.done = True
-                    request.out.put(exc)
-                    request.out.put(_BATCH_END)
+                self._fail(group, exc)
+
+    def _rows(self) -> int:
+        return len(self.active) + (self.chunked is not None)
+
+    def _idle(self) -> bool:
+        return not self.active and self.chunked is None
+
+    def _fail(self, requests: list[BatchRequest], exc: Exception) -> None:
+        log.exception("prefill failed")
+        for request in requests:
+            request.done = True
+            request.out.put(exc)
+            request.out.put(_BATCH_END)
 
     def _next_group(self, wait: bool) -> list[BatchRequest]:
         """Waiting requests, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
-        longer prompt goes alone). Deliberate: on CPU prefill is compute-bound, so a group costs nearly the sum
-        of its prompts and all of them wait for it; groups of a few prompts were measured fastest per prompt
-        without making the first ones wait for many others (CLAUDE.md)."""
+        longer prompt goes alone, in slices). Deliberate: on CPU prefill is compute-bound, so a group costs nearly
+        the sum of its prompts and all of them wait for it; groups of a few prompts were measured fastest per
+        prompt without making the first ones wait for many others (CLAUDE.md)."""
         group: list[BatchRequest] = []
         longest = 0
-        while len(self.active) + len(group) < self.max_batch:
+        while self._rows() + len(group) < self.max_batch:
             request = self._take(block=wait and not group)
             if request is None:
                 break
@@ -1346,12 +1384,17 @@ class BatchScheduler:
         except queue.Empty:
             return None
 
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.loaded.model.config)
+        cache.layers = [growing_layer()() for _ in cache.layers]
+        return cache
+
     def _prefill(self, requests: list[BatchRequest]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
         import torch
-        from transformers import DynamicCache
 
-        model = self.loaded.model
         lengths = [int(r.input_ids.shape[1]) for r in requests]
         longest = max(lengths)
         ids = torch.zeros((len(requests), longest), dtype=torch.long, device=requests[0].input_ids.device)
@@ -1360,10 +1403,39 @@ class BatchScheduler:
             ids[row, longest - length :] = request.input_ids[0]
             mask[row, longest - length :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
-        cache = DynamicCache(config=model.config)
-        cache.layers = [growing_layer()() for _ in cache.layers]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits  # fmt: skip
+        cache = self._new_cache()
+        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1).logits  # fmt: skip
+        self._join(requests, lengths, cache, mask, logits)
+
+    def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
+        """The next `prefill_tokens` of a long prompt into its own cache; after the last, it joins the batch."""
+        import torch
+
+        request, start = chunked.request, chunked.done
+        length = int(request.input_ids.shape[1])
+        end = min(start + self.prefill_tokens, length)
+        device = request.input_ids.device
+        mask = torch.ones((1, end), dtype=torch.long, device=device)
+        try:
+            logits = self.loaded.model(
+                input_ids=request.input_ids[:, start:end],
+                attention_mask=mask,
+                position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+                past_key_values=chunked.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+            chunked.done = end
+            if end == length:
+                self.chunked = None
+                self._join([request], [length], chunked.cache, mask, logits)
+        except Exception as exc:  # only this request fails; the batch goes on
+            self.chunked = None
+            self._fail([request], exc)
+
+    def _join(self, requests: list[BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
+        """Samples the prefilled requests' first tokens and merges their rows into the batch."""
         tokens = self._sample(logits[:, -1, :], requests)
         self._merge(requests, cache, mask, tokens)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
@@ -1442,6 +1514,9 @@ class BatchScheduler:
             request.finish("length")
 
     def _drop_cancelled(self) -> None:
+        if self.chunked is not None and self.chunked.request.cancel.is_set():
+            self.chunked.request.finish("cancelled")
+            self.chunked = None
         for request in self.active:
             if request.cancel.is_set() and not request.done:
                 request.finish("cancelled")  # stops at this step: its row is not computed again

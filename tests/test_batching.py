@@ -224,6 +224,14 @@ def test_smollm2_concurrent_answers_equal_solo_answers(smollm2_dir: Path) -> Non
     assert together[0][0] == "The capital of France is Paris."
 
 
+@pytest.mark.slow
+def test_smollm2_answers_the_same_with_its_prompt_prefilled_in_slices(smollm2_dir: Path) -> None:
+    settings = make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", prefill_batch_tokens=8)
+    engine = main.TransformersEngine(settings)
+    assert prompt_length(engine, "What is the capital of France?") > 3 * 8
+    assert run(engine, "What is the capital of France?", greedy(24))[0] == "The capital of France is Paris."
+
+
 def record_prefill_groups(scheduler: main.BatchScheduler) -> list[int]:
     groups: list[int] = []
     prefill = scheduler._prefill
@@ -253,19 +261,85 @@ def test_newcomers_are_prefilled_in_groups_and_give_the_same_text(
     assert max(groups) > 1
 
 
-def test_a_prefill_budget_smaller_than_a_prompt_prefills_one_by_one(
-    tiny_model_dir: Path, reference: main.TransformersEngine
-) -> None:
-    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=1)
+def prompt_length(engine: main.TransformersEngine, text: str) -> int:
+    return engine.prepare(messages(text), greedy(1)).prompt_tokens
+
+
+def test_prefill_groups_stay_within_the_budget(tiny_model_dir: Path, reference: main.TransformersEngine) -> None:
+    budget = max(prompt_length(reference, q) for q in QUESTIONS)  # each prompt fits alone: none is sliced
+    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
     engine = main.TransformersEngine(settings)
     scheduler = engine.scheduler_for(engine.handle.get())
     assert scheduler is not None
-    groups = record_prefill_groups(scheduler)
+    groups: list[list[int]] = []
+    prefill = scheduler._prefill
+
+    def recording_prefill(requests: list[main.BatchRequest]) -> None:
+        groups.append([int(r.input_ids.shape[1]) for r in requests])
+        prefill(requests)
+
+    scheduler._prefill = recording_prefill  # type: ignore[method-assign]
     expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
     for _ in range(3):
         texts = [t for t, _ in concurrently(*[lambda q=q: run(engine, q, greedy(12)) for q in QUESTIONS])]
         assert texts == expected
-    assert set(groups) == {1} and len(groups) == 3 * len(QUESTIONS)
+    assert sum(len(g) for g in groups) == 3 * len(QUESTIONS)
+    assert all(len(g) * max(g) <= budget for g in groups)
+
+
+LONG_QUESTION = " ".join([QUESTIONS[2]] * 6)
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_slices_between_steps(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    """Chunked prefill: the running request keeps getting a step between the slices, and both texts are the
+    solo ones."""
+    budget = prompt_length(reference, QUESTIONS[0])
+    slices = -(-prompt_length(reference, LONG_QUESTION) // budget)
+    assert slices >= 4
+    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
+    engine = main.TransformersEngine(settings)
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None
+    ops: list[str] = []
+    chunk, step = scheduler._prefill_chunk, scheduler._step
+    scheduler._prefill_chunk = lambda chunked: (ops.append("slice"), chunk(chunked))[1]  # type: ignore[method-assign]
+    scheduler._step = lambda: (ops.append("step"), step())[1]  # type: ignore[method-assign]
+    decoding = threading.Event()
+    results: dict[str, str] = {}
+
+    def first() -> None:
+        results["a"] = run(engine, QUESTIONS[0], greedy(80), on_delta=lambda n: n == 5 and decoding.set())[0]
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert decoding.wait(60)
+    results["long"] = run(engine, LONG_QUESTION, greedy(10))[0]
+    thread.join(60)
+    assert results["a"] == run(reference, QUESTIONS[0], greedy(80))[0]
+    assert results["long"] == run(reference, LONG_QUESTION, greedy(10))[0]
+    assert ops.count("slice") == slices
+    first_slice = ops.index("slice")
+    assert ops[first_slice : first_slice + 2 * slices] == ["slice", "step"] * slices
+
+
+def test_cancel_during_a_sliced_prefill_ends_only_that_request(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    budget = prompt_length(reference, QUESTIONS[0])
+    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
+    engine = main.TransformersEngine(settings)
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None
+    cancel = threading.Event()
+    chunk = scheduler._prefill_chunk
+    scheduler._prefill_chunk = lambda chunked: (chunk(chunked), cancel.set())[0]  # type: ignore[method-assign]
+    text, finished = run(engine, LONG_QUESTION, greedy(10), cancel)
+    assert (text, finished.finish_reason, finished.completion_tokens) == ("", "cancelled", 0)
+    assert scheduler.chunked is None
+    scheduler._prefill_chunk = chunk  # type: ignore[method-assign]
+    assert run(engine, QUESTIONS[0], greedy(12))[0] == run(reference, QUESTIONS[0], greedy(12))[0]
 
 
 @pytest.mark.parametrize(
@@ -285,8 +359,8 @@ def test_joins_prefill_group(size: int, longest: int, length: int, budget: int, 
 
 
 def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> None:
-    """Keys/values equal what DynamicLayer's torch.cat gives: past the buffer's room, and after a merge or a
-    dropped row replaces them (adopted into a fresh buffer)."""
+    """Keys/values equal what DynamicLayer's torch.cat gives: past the buffer's room, after a dropped row, and
+    after a trim replaces them (adopted into a fresh buffer)."""
     import torch
 
     layer = main.growing_layer()()
@@ -304,9 +378,18 @@ def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> 
         keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
         assert torch.equal(out_k, keys) and torch.equal(out_v, values)
     assert layer.buffers[0] is not first_buffer and layer.buffers[0].shape[-2] == 2 * main.KV_ROOM_TOKENS
-    layer.batch_select_indices(torch.tensor([0, 2]))  # a row leaves: keys/values replaced by a copy
+    layer.batch_select_indices(torch.tensor([0, 2]))  # a row leaves: its buffers shrink, their room kept
     keys, values = keys[[0, 2]], values[[0, 2]]
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    selected = layer.buffers[0]
     k, v = states(2, 1), states(2, 1)
     out_k, out_v = layer.update(k, v)
-    assert torch.equal(out_k, torch.cat([keys, k], dim=-2)) and torch.equal(out_v, torch.cat([values, v], dim=-2))
-    assert layer.buffers[0].shape[0] == 2
+    keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+    assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+    assert layer.buffers[0] is selected and selected.shape[0] == 2  # written in place: no second copy
+    layer.keys, layer.values = keys[:, :, 5:], values[:, :, 5:]  # leading padding trimmed: replaced by a view
+    k, v = states(2, 1), states(2, 1)
+    out_k, out_v = layer.update(k, v)
+    assert torch.equal(out_k, torch.cat([keys[:, :, 5:], k], dim=-2))
+    assert torch.equal(out_v, torch.cat([values[:, :, 5:], v], dim=-2))
+    assert layer.buffers[0] is not selected
