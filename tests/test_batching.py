@@ -131,22 +131,31 @@ def test_different_max_tokens_end_at_their_own_lengths(
     ]
 
 
+def join_mid_way(
+    engine: main.TransformersEngine, first: tuple[str, int], second: tuple[str, int], after_deltas: int
+) -> tuple[str, str]:
+    """Greedy texts of (question, max_tokens) `first`, and of `second` sent once `first` has `after_deltas`
+    deltas, so while it is decoding."""
+    decoding = threading.Event()
+    results: dict[str, str] = {}
+
+    def run_first() -> None:
+        on_delta = lambda n: n == after_deltas and decoding.set()  # noqa: E731
+        results["first"] = run(engine, first[0], greedy(first[1]), on_delta=on_delta)[0]
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    assert decoding.wait(60)
+    second_text = run(engine, second[0], greedy(second[1]))[0]
+    thread.join(60)
+    return results["first"], second_text
+
+
 def test_a_request_joining_mid_way_gets_its_solo_text(
     engine: main.TransformersEngine, reference: main.TransformersEngine
 ) -> None:
-    halfway = threading.Event()
-    results: dict[str, str] = {}
-
-    def first() -> None:
-        results["a"] = run(engine, QUESTIONS[2], greedy(60), on_delta=lambda n: n == 10 and halfway.set())[0]
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert halfway.wait(60)
-    results["b"] = run(engine, QUESTIONS[0], greedy(25))[0]  # joins while the first is decoding
-    thread.join(60)
-    assert results["a"] == run(reference, QUESTIONS[2], greedy(60))[0]
-    assert results["b"] == run(reference, QUESTIONS[0], greedy(25))[0]
+    texts = join_mid_way(engine, (QUESTIONS[2], 60), (QUESTIONS[0], 25), after_deltas=10)
+    assert texts == (run(reference, QUESTIONS[2], greedy(60))[0], run(reference, QUESTIONS[0], greedy(25))[0])
 
 
 def test_cancel_of_one_leaves_the_others_intact(
@@ -232,6 +241,13 @@ def test_smollm2_answers_the_same_with_its_prompt_prefilled_in_slices(smollm2_di
     assert run(engine, "What is the capital of France?", greedy(24))[0] == "The capital of France is Paris."
 
 
+def scheduled_engine(model_dir: Path, **settings: Any) -> tuple[main.TransformersEngine, main.BatchScheduler]:
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(model_dir), device_map="cpu", **settings))
+    scheduler = engine.scheduler_for(engine.handle.get())
+    assert scheduler is not None
+    return engine, scheduler
+
+
 def record_prefill_groups(scheduler: main.BatchScheduler) -> list[int]:
     groups: list[int] = []
     prefill = scheduler._prefill
@@ -248,9 +264,8 @@ def test_newcomers_are_prefilled_in_groups_and_give_the_same_text(
     tiny_model_dir: Path, reference: main.TransformersEngine
 ) -> None:
     """Prompts of different lengths in one left-padded forward (the default 256-token budget on CPU)."""
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    scheduler = engine.scheduler_for(engine.handle.get())
-    assert scheduler is not None and scheduler.prefill_tokens == main.CPU_PREFILL_TOKENS
+    engine, scheduler = scheduled_engine(tiny_model_dir)
+    assert scheduler.prefill_tokens == main.CPU_PREFILL_TOKENS
     groups = record_prefill_groups(scheduler)
     expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
     for _ in range(5):  # arrivals race the batch thread; a few tries give a group of several
@@ -267,10 +282,7 @@ def prompt_length(engine: main.TransformersEngine, text: str) -> int:
 
 def test_prefill_groups_stay_within_the_budget(tiny_model_dir: Path, reference: main.TransformersEngine) -> None:
     budget = max(prompt_length(reference, q) for q in QUESTIONS)  # each prompt fits alone: none is sliced
-    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
-    engine = main.TransformersEngine(settings)
-    scheduler = engine.scheduler_for(engine.handle.get())
-    assert scheduler is not None
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget)
     groups: list[list[int]] = []
     prefill = scheduler._prefill
 
@@ -298,27 +310,13 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_slices_between_steps(
     budget = prompt_length(reference, QUESTIONS[0])
     slices = -(-prompt_length(reference, LONG_QUESTION) // budget)
     assert slices >= 4
-    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
-    engine = main.TransformersEngine(settings)
-    scheduler = engine.scheduler_for(engine.handle.get())
-    assert scheduler is not None
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget)
     ops: list[str] = []
     chunk, step = scheduler._prefill_chunk, scheduler._step
     scheduler._prefill_chunk = lambda chunked: (ops.append("slice"), chunk(chunked))[1]  # type: ignore[method-assign]
     scheduler._step = lambda: (ops.append("step"), step())[1]  # type: ignore[method-assign]
-    decoding = threading.Event()
-    results: dict[str, str] = {}
-
-    def first() -> None:
-        results["a"] = run(engine, QUESTIONS[0], greedy(80), on_delta=lambda n: n == 5 and decoding.set())[0]
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert decoding.wait(60)
-    results["long"] = run(engine, LONG_QUESTION, greedy(10))[0]
-    thread.join(60)
-    assert results["a"] == run(reference, QUESTIONS[0], greedy(80))[0]
-    assert results["long"] == run(reference, LONG_QUESTION, greedy(10))[0]
+    texts = join_mid_way(engine, (QUESTIONS[0], 80), (LONG_QUESTION, 10), after_deltas=5)
+    assert texts == (run(reference, QUESTIONS[0], greedy(80))[0], run(reference, LONG_QUESTION, greedy(10))[0])
     assert ops.count("slice") == slices
     first_slice = ops.index("slice")
     assert ops[first_slice : first_slice + 2 * slices] == ["slice", "step"] * slices
@@ -328,10 +326,7 @@ def test_cancel_during_a_sliced_prefill_ends_only_that_request(
     tiny_model_dir: Path, reference: main.TransformersEngine
 ) -> None:
     budget = prompt_length(reference, QUESTIONS[0])
-    settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", prefill_batch_tokens=budget)
-    engine = main.TransformersEngine(settings)
-    scheduler = engine.scheduler_for(engine.handle.get())
-    assert scheduler is not None
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget)
     cancel = threading.Event()
     chunk = scheduler._prefill_chunk
     scheduler._prefill_chunk = lambda chunked: (chunk(chunked), cancel.set())[0]  # type: ignore[method-assign]
