@@ -1515,8 +1515,8 @@ class BatchScheduler:
 
     def _drop_cancelled(self) -> None:
         if self.chunked is not None and self.chunked.request.cancel.is_set():
-            self.chunked.request.finish("cancelled")
-            self.chunked = None
+            request, self.chunked = self.chunked.request, None  # before finish(): its reader may look at once
+            request.finish("cancelled")
         for request in self.active:
             if request.cancel.is_set() and not request.done:
                 request.finish("cancelled")  # stops at this step: its row is not computed again

@@ -206,19 +206,24 @@ def test_vision_models_and_batching_off_use_generate(engine: main.TransformersEn
 # ---- through the server, and on the real model ----------------------------------------------------------------
 
 
+def openai_client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client: openai.OpenAI, question: str) -> str:
+    """The streamed answer's text, through the openai SDK."""
+    chunks = client.chat.completions.create(model="m", messages=messages(question), stream=True)  # type: ignore[call-overload]
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
 def test_eight_concurrent_openai_streams_equal_their_solo_text(
     tiny_model_dir: Path, reference: main.TransformersEngine
 ) -> None:
     settings = make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", temperature=0, max_tokens=16)
     with LiveServer(main.create_app(settings)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-        def ask(q: str) -> str:
-            chunks = client.chat.completions.create(model="m", messages=messages(q), stream=True)  # type: ignore[call-overload]
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
+        client = openai_client(server)
         questions = [QUESTIONS[i % 4] + " " * (i // 4) for i in range(8)]
-        texts = concurrently(*[lambda q=q: ask(q) for q in questions])
+        texts = concurrently(*[lambda q=q: ask(client, q) for q in questions])
     assert texts == [run(reference, q, greedy(16))[0] for q in questions]
 
 
@@ -234,11 +239,20 @@ def test_smollm2_concurrent_answers_equal_solo_answers(smollm2_dir: Path) -> Non
 
 
 @pytest.mark.slow
-def test_smollm2_answers_the_same_with_its_prompt_prefilled_in_slices(smollm2_dir: Path) -> None:
-    settings = make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", prefill_batch_tokens=8)
-    engine = main.TransformersEngine(settings)
-    assert prompt_length(engine, "What is the capital of France?") > 3 * 8
-    assert run(engine, "What is the capital of France?", greedy(24))[0] == "The capital of France is Paris."
+def test_smollm2_over_http_answers_the_same_with_prompts_prefilled_in_slices(
+    smollm2_dir: Path, live_server: Callable[..., LiveServer]
+) -> None:
+    """PREFILL_BATCH_TOKENS=8: every prompt (~35 tokens) is prefilled in slices, two at once through the openai
+    client; the answers are the solo ones."""
+    settings = make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", temperature=0, max_tokens=24,
+                             prefill_batch_tokens=8)  # fmt: skip
+    client = openai_client(live_server(settings))
+    solo = main.TransformersEngine(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", batching="off"))
+    questions = ["What is the capital of France?", "Name a planet."]
+    assert prompt_length(solo, questions[0]) > 3 * 8
+    answers = concurrently(*[lambda q=q: ask(client, q) for q in questions])
+    assert answers == [run(solo, q, greedy(24))[0] for q in questions]
+    assert answers[0] == "The capital of France is Paris."
 
 
 def scheduled_engine(model_dir: Path, **settings: Any) -> tuple[main.TransformersEngine, main.BatchScheduler]:
