@@ -2299,7 +2299,10 @@ async def read_stored_events(session: Session, start: int) -> list[Event]:
         older = await asyncio.to_thread(session.journal.read_events, session.key, start, stop)
         if [e.index for e in older] != list(range(start, stop)):
             raise
+    try:
         return older + session.buffer.read_from(stop)
+    except EventsGone:  # the ring moved on while the journal was read: the caller asks again from older's end
+        return older
 
 
 async def read_session(

@@ -144,6 +144,43 @@ def test_read_events_falls_back_to_the_journal_for_dropped_events(tmp_path: Path
     assert asyncio.run(scenario()) == [main.Event(i, f"e{i}") for i in range(10, 40)]
 
 
+def test_a_ring_that_moves_on_during_a_journal_read_loses_nothing(tmp_path: Path) -> None:
+    """A reader behind the ring reads the journal in a thread while generation goes on. If the ring drops more
+    events meanwhile, the reader gets the journal's part now and the rest on its next read, never an error."""
+
+    async def scenario() -> tuple[list[main.Event], list[main.Event]]:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        session = main.Session("m", META, capacity=16, journal=journal)
+        for i in range(40):
+            session.append(f"e{i}")
+        await asyncio.to_thread(journal.flush)
+        await asyncio.sleep(0.05)  # the commit callbacks reach the loop
+        reading, go_on = threading.Event(), threading.Event()
+        read = journal.read_events
+
+        def held_read(session_id: str, start: int, stop: int) -> list[main.Event]:
+            reading.set()
+            go_on.wait(10)
+            return read(session_id, start, stop)
+
+        journal.read_events = held_read  # type: ignore[method-assign]
+        first = asyncio.create_task(main.read_events(session, 10))
+        await asyncio.to_thread(reading.wait, 10)
+        for i in range(40, 60):  # generation goes on: the ring now starts at 44, past the journal read's 24
+            session.append(f"e{i}")
+        go_on.set()
+        head = await first
+        await asyncio.to_thread(journal.flush)
+        await asyncio.sleep(0.05)
+        rest = await main.read_events(session, head[-1].index + 1)
+        journal.close()
+        return head, rest
+
+    head, rest = asyncio.run(scenario())
+    assert head == [main.Event(i, f"e{i}") for i in range(10, 24)]
+    assert rest == [main.Event(i, f"e{i}") for i in range(24, 60)]
+
+
 def test_read_events_without_journal_is_gone() -> None:
     async def scenario() -> None:
         session = main.Session("g", META, capacity=16)
