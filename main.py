@@ -963,6 +963,25 @@ def load_pil_vision(source: str, token: str | None, config: Any, tokenizer: Any)
     return PilVision(tokenizer, image_processor, image_token)
 
 
+def store_output_head_transposed(model: Any) -> bool:
+    """On CPU in float32, stores the output head's weight as (hidden, vocab) and gives torch a transposed view of
+    it. Same values, same results; MKL's GEMM for a few rows reads that layout faster, and the head is the largest
+    matrix (28M of SmolLM2's 135M weights). Measured here: a decode step at batch 8 61.8 -> 56.6 ms, batch 4
+    48.2 -> 45.8, batch 1 and prefill unchanged, batch 2-3 about 1 ms slower. Only the head: the attention
+    projections gain ~1 ms more at batch 8 and lose as much at batch 2; the MLP's gets slower. Tied input
+    embeddings share the same storage, so memory is unchanged."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    weight = head.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return False
+    weight.data = weight.data.t().contiguous().t()
+    return True
+
+
 def load_model(settings: Settings) -> LoadedModel:
     import transformers
 
@@ -974,6 +993,8 @@ def load_model(settings: Settings) -> LoadedModel:
     device_map = None if settings.device_map.lower() == "none" else settings.device_map
     model: Any = model_class.from_pretrained(source, dtype=settings.torch_dtype, device_map=device_map, **common)
     model.eval()
+    if store_output_head_transposed(model):
+        log.info("CPU float32: output head stored transposed (faster batched decode steps)")
     processor: Any
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, **common)  # type: ignore[no-untyped-call]

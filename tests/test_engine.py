@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import main
 from conftest import build_tiny_qwen3, make_settings
@@ -84,6 +85,64 @@ def test_a_text_config_loads_the_causal_lm_class_without_vision(tiny_model_dir: 
     loaded = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
     assert loaded.vision is None
     assert type(loaded.model).__name__ == "Qwen3ForCausalLM"
+
+
+class ToyLM(torch.nn.Module):
+    """Just enough of a causal LM for `store_output_head_transposed`: an embedding and an output head."""
+
+    def __init__(self, dtype: torch.dtype, tied: bool, head: bool = True) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4, dtype=dtype)
+        self.head = torch.nn.Linear(4, 10, bias=False, dtype=dtype) if head else None
+        if tied and self.head is not None:
+            self.head.weight = self.embed.weight
+
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        return self.head
+
+
+@pytest.mark.parametrize(
+    ("model", "stored_transposed"),
+    [
+        (ToyLM(torch.float32, tied=False), True),
+        (ToyLM(torch.float32, tied=True), True),
+        (ToyLM(torch.bfloat16, tied=False), False),  # measured only for float32
+        (ToyLM(torch.float32, tied=False, head=False), False),
+    ],
+    ids=["float32", "float32-tied", "bfloat16", "no-head"],
+)
+def test_store_output_head_transposed(model: ToyLM, stored_transposed: bool) -> None:
+    before = model.embed.weight.detach().clone(), None if model.head is None else model.head.weight.detach().clone()
+    assert main.store_output_head_transposed(model) is stored_transposed
+    assert main.store_output_head_transposed(model) is False  # never twice: the second sees a non-contiguous view
+    if model.head is not None:
+        assert torch.equal(model.head.weight, before[1])
+        assert model.head.weight.stride() == ((1, 10) if stored_transposed else (4, 1))
+    assert torch.equal(model.embed.weight, before[0])
+
+
+def test_load_model_stores_the_cpu_head_transposed_and_greedy_text_is_unchanged(tiny_model_dir: Path) -> None:
+    """The layout changes which GEMM kernel reads the head, never the tokens: a batch of 4 prompts gives the same
+    greedy tokens as the model loaded by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    head = loaded.model.get_output_embeddings().weight
+    assert head.stride() == (1, head.shape[0])
+    assert torch.equal(head, plain.get_output_embeddings().weight)
+    prompts = torch.tensor([[5, 9, 14, 3], [7, 7, 2, 30], [11, 4, 6, 8], [40, 1, 2, 3]])
+    with torch.inference_mode():
+        ours = loaded.model.generate(prompts, max_new_tokens=16, do_sample=False)
+        theirs = plain.generate(prompts, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_smollm2_tied_head_stays_shared_with_the_input_embeddings(smollm2_dir: Path) -> None:
+    loaded = main.load_model(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu"))
+    head = loaded.model.get_output_embeddings().weight
+    assert head.stride() == (1, 49152)
+    assert loaded.model.get_input_embeddings().weight is head  # one copy in memory, not two
 
 
 @pytest.mark.parametrize(
