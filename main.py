@@ -53,6 +53,7 @@ import sqlite3
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -1678,13 +1679,21 @@ class Event:
     data: str  # the `data:` payload: chunk JSON, error JSON, or "[DONE]"
 
 
+class ReadCursor:
+    """A reader's place in a RingBuffer. Held weakly: a response dropped before its body ever ran (the client left
+    during the headers) lets its events go with it instead of pinning them."""
+
+
 class RingBuffer:
-    """The last `capacity` events of a session, addressed by their absolute index."""
+    """The last `capacity` events of a session, addressed by their absolute index. Events that an attached reader
+    has not read yet stay past the capacity until it has: a burst of appends (the runner drains its queue without
+    yielding to the readers) must never outrun a live stream. A stalled reader so holds at most its session."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: list[str] = []
         self.first_index = 0  # absolute index of _items[0]
+        self._unread: weakref.WeakKeyDictionary[ReadCursor, int] = weakref.WeakKeyDictionary()  # -> its next index
 
     @property
     def next_index(self) -> int:
@@ -1692,11 +1701,24 @@ class RingBuffer:
 
     def append(self, data: str) -> int:
         self._items.append(data)
-        if len(self._items) > self.capacity:
-            drop = len(self._items) - self.capacity
+        self._trim()
+        return self.next_index - 1
+
+    def hold(self, cursor: ReadCursor, index: int) -> None:
+        """Keeps events from `index` on for `cursor` (called again as it reads on); release() lets them go."""
+        self._unread[cursor] = index
+        self._trim()
+
+    def release(self, cursor: ReadCursor) -> None:
+        self._unread.pop(cursor, None)
+        self._trim()
+
+    def _trim(self) -> None:
+        keep_from = min(self._unread.values(), default=self.next_index)
+        drop = min(len(self._items) - self.capacity, keep_from - self.first_index)
+        if drop > 0:
             del self._items[:drop]
             self.first_index += drop
-        return self.next_index - 1
 
     def read_from(self, index: int) -> list[Event]:
         """Events from `index` on; past the end, none (not yet); before the window, EventsGone."""
@@ -2327,29 +2349,33 @@ async def read_stored_events(session: Session, start: int) -> list[Event]:
 
 
 async def read_session(
-    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch
+    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch, cursor: ReadCursor
 ) -> AsyncIterator[Event | None]:
-    """Events after `after_index` to the end of the session; None when `keepalive_seconds` pass without one."""
+    """Events after `after_index` to the end of the session; None when `keepalive_seconds` pass without one.
+    `cursor` holds the unread events in the ring (take it when the response is created, before any await)."""
     index = after_index + 1
     watch.attach(session)
     try:
         while True:
+            session.buffer.hold(cursor, index)
             for event in await read_events(session, index):
                 yield event
                 index = event.index + 1
             if session.ended and index >= session.buffer.next_index:
                 return
+            session.buffer.hold(cursor, index)
             if not await session.wait_for_events(index, keepalive_seconds):
                 yield None
     finally:
+        session.buffer.release(cursor)
         watch.detach(session)
 
 
 async def sse_body(
-    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch
+    session: Session, after_index: int, keepalive_seconds: float, watch: DisconnectWatch, cursor: ReadCursor
 ) -> AsyncIterator[bytes]:
     try:
-        async for event in read_session(session, after_index, keepalive_seconds, watch):
+        async for event in read_session(session, after_index, keepalive_seconds, watch, cursor):
             if event is None:
                 yield KEEPALIVE_COMMENT
             else:
@@ -2360,7 +2386,8 @@ async def sse_body(
 
 
 async def collect_completion(session: Session, watch: DisconnectWatch) -> dict[str, Any]:
-    data = [event.data async for event in read_session(session, -1, 3600.0, watch) if event is not None]
+    events = read_session(session, -1, 3600.0, watch, ReadCursor())  # holds from index 0 before its first await
+    data = [event.data async for event in events if event is not None]
     return fold_completion(session.meta, data)
 
 
@@ -2449,7 +2476,9 @@ def sse_response(state: AppState, session: Session, after_index: int) -> Streami
     if after_index + 1 < session.buffer.first_index and session.journal is None:
         session.buffer.read_from(after_index + 1)  # raises EventsGone (410) while we can still send a status
     headers = {"X-Session-Id": session.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    body = sse_body(session, after_index, state.settings.keepalive_seconds, state.watch)
+    cursor = ReadCursor()
+    session.buffer.hold(cursor, after_index + 1)  # now: the runner may append a burst before the body starts
+    body = sse_body(session, after_index, state.settings.keepalive_seconds, state.watch, cursor)
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 

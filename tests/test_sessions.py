@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sqlite3
 import threading
@@ -142,6 +143,56 @@ def test_read_events_falls_back_to_the_journal_for_dropped_events(tmp_path: Path
         return events
 
     assert asyncio.run(scenario()) == [main.Event(i, f"e{i}") for i in range(10, 40)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "first_index", "length"),
+    [
+        ([("append", 10)], 6, 4),  # no reader: the last `capacity` events
+        ([("hold", 0), ("append", 10)], 0, 10),  # a reader at 0 keeps all it has not read
+        ([("hold", 2), ("append", 10)], 2, 8),
+        ([("hold", 0), ("append", 10), ("hold", 5)], 5, 5),  # read up to 5: those go, down to capacity at most
+        ([("hold", 0), ("append", 10), ("hold", 9)], 6, 4),
+        ([("hold", 0), ("append", 10), ("release", 0)], 6, 4),
+        ([("hold", 0), ("append", 3), ("release", 0), ("append", 2)], 1, 4),
+        ([("hold", 0), ("append", 10), ("forget", 0), ("append", 1)], 7, 4),  # a cursor gone unreleased holds nothing
+    ],
+)
+def test_ring_keeps_what_an_attached_reader_has_not_read(steps: list[tuple[str, int]], first_index: int,
+                                                         length: int) -> None:  # fmt: skip
+    ring, cursor = main.RingBuffer(capacity=4), main.ReadCursor()
+    for action, n in steps:
+        if action == "append":
+            for _ in range(n):
+                ring.append("e")
+        elif action == "hold":
+            ring.hold(cursor, n)
+        elif action == "release":
+            ring.release(cursor)
+        else:
+            del cursor
+            gc.collect()
+    assert (ring.first_index, ring.next_index - ring.first_index) == (first_index, length)
+
+
+def test_a_burst_larger_than_the_ring_reaches_a_live_reader_whole() -> None:
+    """The runner can append many events before a reader task runs (it drains its queue without yielding). Without
+    a journal those used to be gone: the stream ended in `events_expired` (a CI flake with a 16-event ring)."""
+
+    async def scenario() -> list[int]:
+        session = main.Session("b", META, capacity=16)
+        watch = main.DisconnectWatch(0, main.Metrics())
+        cursor = main.ReadCursor()
+        session.buffer.hold(cursor, 0)  # what sse_response does when it creates the response
+        reader = main.read_session(session, -1, 5.0, watch, cursor)
+        for i in range(40):
+            session.append(f"e{i}")
+        session.set_state(main.SessionState.FINISHED)
+        indices = [event.index async for event in reader if event is not None]
+        assert session.buffer.first_index == 24  # once read, the ring is back to its capacity
+        return indices
+
+    assert asyncio.run(scenario()) == list(range(40))
 
 
 def test_a_ring_that_moves_on_during_a_journal_read_loses_nothing(tmp_path: Path) -> None:
