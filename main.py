@@ -970,7 +970,8 @@ def store_output_head_transposed(model: Any) -> bool:
     matrix (28M of SmolLM2's 135M weights). Measured here: a decode step at batch 8 61.8 -> 56.6 ms, batch 4
     48.2 -> 45.8, batch 1 and prefill unchanged, batch 2-3 about 1 ms slower. Only the head: the attention
     projections gain ~1 ms more at batch 8 and lose as much at batch 2; the MLP's gets slower. Tied input
-    embeddings share the same storage, so memory is unchanged."""
+    embeddings keep sharing the one (new) storage; the old one is freed, though a memory-mapped file's pages of
+    it may stay cached until the OS needs them."""
     import torch
 
     head = model.get_output_embeddings()
