@@ -78,6 +78,22 @@ def make_settings(**overrides: Any) -> main.Settings:
 # ---- scripted engine (for races: per-token delay, cancel, slow loads) ------------------------------------------
 
 
+class CancelAtCheck(threading.Event):
+    """A cancel event that the engine finds set at its `n`-th look (it looks once per token): a cancel at an exact
+    point of the generation. Setting it from the consumer on its n-th delta was flaky under load, because the
+    consumer can lag the engine by several tokens."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.checks = n, 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        if self.checks == self.n:
+            self.set()
+        return super().is_set()
+
+
 class ScriptedEngine:
     """Yields the scripted tokens one by one with a delay; honours cancel like the real engine."""
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 import main
-from conftest import LiveServer, make_settings
+from conftest import CancelAtCheck, LiveServer, make_settings
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -49,6 +49,10 @@ def run(
             finished = event
     assert finished is not None
     return "".join(pieces), finished
+
+
+def batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "batch-engine"]
 
 
 def concurrently(*jobs: Callable[[], Any]) -> list[Any]:
@@ -109,12 +113,13 @@ def test_four_concurrent_greedy_requests_equal_their_solo_outputs(
     engine: main.TransformersEngine, reference: main.TransformersEngine
 ) -> None:
     solo = [run(reference, q, greedy(20)) for q in QUESTIONS]
+    before = set(batch_threads())
     together = concurrently(*[lambda q=q: run(engine, q, greedy(20)) for q in QUESTIONS])
     assert [text for text, _ in together] == [text for text, _ in solo]
     assert [f for _, f in together] == [main.Finished("length", 20)] * 4
     generate_threads = [t for t in threading.enumerate() if t.name == "generate"]
     assert generate_threads == []  # no generate() thread per request: one batch thread did it all
-    assert [t.name for t in threading.enumerate()].count("batch-engine") == 1
+    assert len(set(batch_threads()) - before) <= 1  # other modules' engines may have theirs already
 
 
 def test_different_max_tokens_end_at_their_own_lengths(
@@ -161,14 +166,14 @@ def test_a_request_joining_mid_way_gets_its_solo_text(
 def test_cancel_of_one_leaves_the_others_intact(
     engine: main.TransformersEngine, reference: main.TransformersEngine
 ) -> None:
-    cancel = threading.Event()
+    cancel = CancelAtCheck(6)  # once at admission, then once per step
     jobs = [
         lambda: run(engine, QUESTIONS[0], greedy(40)),
-        lambda: run(engine, QUESTIONS[1], greedy(200), cancel, on_delta=lambda n: n == 5 and cancel.set()),
+        lambda: run(engine, QUESTIONS[1], greedy(200), cancel),
         lambda: run(engine, QUESTIONS[2], greedy(40)),
     ]
     (a, fa), (_, fb), (c, fc) = concurrently(*jobs)
-    assert fb.finish_reason == "cancelled" and fb.completion_tokens < 10
+    assert (fb.finish_reason, fb.completion_tokens) == ("cancelled", 5)
     assert (a, fa) == run(reference, QUESTIONS[0], greedy(40))
     assert (c, fc) == run(reference, QUESTIONS[2], greedy(40))
 
