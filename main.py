@@ -2357,14 +2357,14 @@ async def read_session(
     index = after_index + 1
     watch.attach(session)
     try:
+        session.buffer.hold(cursor, index)
         while True:
-            session.buffer.hold(cursor, index)
             for event in await read_events(session, index):
                 yield event
                 index = event.index + 1
+            session.buffer.hold(cursor, index)
             if session.ended and index >= session.buffer.next_index:
                 return
-            session.buffer.hold(cursor, index)
             if not await session.wait_for_events(index, keepalive_seconds):
                 yield None
     finally:
