@@ -1340,10 +1340,7 @@ class BatchScheduler:
                     if self.active:
                         self._step()
             except Exception as exc:  # the batch is lost; every request in it gets the error
-                log.exception("batched generation failed")
-                for request in self.active:
-                    request.out.put(exc)
-                    request.out.put(_BATCH_END)
+                self._fail(self.active, exc, "batched generation")
                 self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
 
     def _admit(self) -> None:
@@ -1361,7 +1358,7 @@ class BatchScheduler:
             try:
                 self._prefill(group)
             except Exception as exc:  # only these requests fail; the batch goes on
-                self._fail(group, exc)
+                self._fail(group, exc, "prefill")
 
     def _rows(self) -> int:
         return len(self.active) + (self.chunked is not None)
@@ -1369,8 +1366,8 @@ class BatchScheduler:
     def _idle(self) -> bool:
         return not self.active and self.chunked is None
 
-    def _fail(self, requests: list[BatchRequest], exc: Exception) -> None:
-        log.exception("prefill failed")
+    def _fail(self, requests: list[BatchRequest], exc: Exception, what: str) -> None:
+        log.exception("%s failed", what)
         for request in requests:
             request.done = True
             request.out.put(exc)
@@ -1455,7 +1452,7 @@ class BatchScheduler:
                 self._join([request], [length], chunked.cache, mask, logits)
         except Exception as exc:  # only this request fails; the batch goes on
             self.chunked = None
-            self._fail([request], exc)
+            self._fail([request], exc, "prefill")
 
     def _join(self, requests: list[BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
         """Samples the prefilled requests' first tokens and merges their rows into the batch."""

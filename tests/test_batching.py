@@ -401,3 +401,46 @@ def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> 
     assert torch.equal(out_k, torch.cat([keys[:, :, 5:], k], dim=-2))
     assert torch.equal(out_v, torch.cat([values[:, :, 5:], v], dim=-2))
     assert layer.buffers[0] is not selected
+
+
+def test_a_failed_step_fails_the_batch_and_the_next_request_is_served(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    engine, scheduler = scheduled_engine(tiny_model_dir)
+    step = scheduler._step
+    failures = [RuntimeError("step broke")]
+
+    def failing_step() -> None:
+        if failures:
+            raise failures.pop()
+        step()
+
+    scheduler._step = failing_step  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"^step broke$"):
+        run(engine, QUESTIONS[0], greedy(10))
+    assert (scheduler.active, scheduler.cache) == ([], None)
+    assert run(engine, QUESTIONS[1], greedy(10)) == run(reference, QUESTIONS[1], greedy(10))
+
+
+def test_a_failed_prefill_fails_only_its_group(tiny_model_dir: Path, reference: main.TransformersEngine) -> None:
+    engine, scheduler = scheduled_engine(tiny_model_dir)
+    joined = threading.Event()
+    prefill = scheduler._prefill
+
+    def prefill_failing_once_others_decode(requests: list[main.BatchRequest]) -> None:
+        if joined.is_set():
+            raise RuntimeError("prefill broke")
+        prefill(requests)
+        joined.set()
+
+    scheduler._prefill = prefill_failing_once_others_decode  # type: ignore[method-assign]
+
+    def newcomer() -> Any:
+        joined.wait(30)
+        with pytest.raises(RuntimeError, match=r"^prefill broke$"):
+            run(engine, QUESTIONS[2], greedy(5))
+        return "failed"
+
+    first, second = concurrently(lambda: run(engine, QUESTIONS[0], greedy(200)), newcomer)
+    assert second == "failed"
+    assert first == run(reference, QUESTIONS[0], greedy(200))  # the running request went on untouched
