@@ -385,8 +385,8 @@ def test_joins_prefill_group(size: int, longest: int, length: int, budget: int, 
 
 
 def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> None:
-    """Keys/values equal what DynamicLayer's torch.cat gives: past the buffer's room, after a dropped row, and
-    after a trim replaces them (adopted into a fresh buffer)."""
+    """Keys/values equal what DynamicLayer's torch.cat gives: after a prefill (kept as computed), past the
+    buffer's room, after a dropped row, and after a trim replaces them (adopted into a fresh buffer)."""
     import torch
 
     layer = main.growing_layer()()
@@ -396,13 +396,16 @@ def test_growing_layer_matches_concatenation_across_growth_and_replacement() -> 
         return torch.randn(rows, 2, length, 4, generator=generator)
 
     keys, values = states(3, 250), states(3, 250)
-    layer.update(keys, values)
-    first_buffer = layer.buffers[0]
-    for _ in range(10):  # 250 -> 260: crosses the 256-position room once
+    out_k, out_v = layer.update(keys, values)
+    assert out_k is keys and out_v is values and layer.buffers is None  # no copy before the first token
+    for step in range(10):  # 250 -> 260: adopted into a 256-position buffer, then crosses its room once
         k, v = states(3, 1), states(3, 1)
         out_k, out_v = layer.update(k, v)
         keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
         assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+        if step == 0:
+            first_buffer = layer.buffers[0]
+            assert first_buffer.shape[-2] == main.KV_ROOM_TOKENS
     assert layer.buffers[0] is not first_buffer and layer.buffers[0].shape[-2] == 2 * main.KV_ROOM_TOKENS
     layer.batch_select_indices(torch.tensor([0, 2]))  # a row leaves: its buffers shrink, their room kept
     keys, values = keys[[0, 2]], values[[0, 2]]
