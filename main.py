@@ -1468,21 +1468,33 @@ class BatchScheduler:
         self._retire()
 
     def _merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
-        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask."""
+        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask. All or nothing:
+        a failure part-way (a `torch.cat` out of GPU memory, say) puts back the layers merged so far, so that only
+        the newcomers fail and the running rows go on. Keeping the old tensors until the end costs at most the
+        batch's old cache, and usually nothing: once stepped, a `GrowingLayer`'s buffers hold them anyway."""
         import torch
         import torch.nn.functional as F
 
-        self.active.extend(requests)
         if self.cache is None:
+            self.active.extend(requests)
             self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
             return
         length = max(self.mask.shape[1], mask.shape[1])
         pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
-        self.next_tokens = torch.cat([self.next_tokens, tokens.view(-1, 1)])
+        merged: list[tuple[Any, Any, Any]] = []  # (layer, its keys, its values) before the merge
+        try:
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+                values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+                merged.append((old, old.keys, old.values))
+                old.keys, old.values = keys, values
+            self.mask, self.next_tokens = (torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))]),
+                                           torch.cat([self.next_tokens, tokens.view(-1, 1)]))  # fmt: skip
+        except Exception:
+            for layer, keys, values in merged:
+                layer.keys, layer.values = keys, values
+            raise
+        self.active.extend(requests)
 
     def _step(self) -> None:
         import torch

@@ -465,3 +465,34 @@ def test_a_failed_prefill_fails_only_its_group(tiny_model_dir: Path, reference: 
     first, second = concurrently(lambda: run(engine, QUESTIONS[0], greedy(200)), newcomer)
     assert second == "failed"
     assert first == run(reference, QUESTIONS[0], greedy(200))  # the running request went on untouched
+
+
+def test_a_merge_that_fails_part_way_fails_only_the_newcomers(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    """A failure while a prefilled group is merged into the running batch (out of GPU memory in a `torch.cat`, say)
+    after some layers were merged: those layers are put back, so the running request goes on to its solo text."""
+    engine, scheduler = scheduled_engine(tiny_model_dir)
+    decoding, join = threading.Event(), scheduler._join
+    padded_old: list[bool] = []
+
+    def join_breaking_the_last_layer(
+        requests: list[main.BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any
+    ) -> None:
+        if scheduler.cache is not None:  # joining a running batch: layer 0 merges, the last layer cannot
+            padded_old.append(mask.shape[1] > scheduler.mask.shape[1])
+            cache.layers[-1].keys = cache.layers[-1].keys[:, :1]  # one head too few: its torch.cat raises
+        join(requests, lengths, cache, mask, logits)
+        decoding.set()
+
+    scheduler._join = join_breaking_the_last_layer  # type: ignore[method-assign]
+
+    def newcomer() -> str:
+        decoding.wait(30)
+        with pytest.raises(RuntimeError, match=r"^Sizes of tensors must match"):
+            run(engine, " ".join(["river"] * 120), greedy(5))
+        return "failed"
+
+    first, second = concurrently(lambda: run(engine, QUESTIONS[0], greedy(60)), newcomer)
+    assert second == "failed" and padded_old == [True]  # the batch's rows had to be padded on the left
+    assert first == run(reference, QUESTIONS[0], greedy(60))
