@@ -262,6 +262,26 @@ def test_smollm2_in_half_precision_batched_answers_equal_solo_answers(smollm2_di
 
 
 @pytest.mark.slow
+def test_smollm2_a_stop_string_ends_only_its_own_request_in_the_batch(
+    smollm2_dir: Path, smollm2_server: LiveServer
+) -> None:
+    """Through the openai client: a stop string cancels its own row at the next step; the request decoding beside
+    it ends with its solo answer."""
+    client = openai_client(smollm2_server)
+
+    def france() -> tuple[str | None, str]:
+        completion = client.chat.completions.create(
+            model="m", messages=messages("What is the capital of France?"), stop=[" is"], max_tokens=32
+        )  # type: ignore[call-overload]
+        return completion.choices[0].message.content, completion.choices[0].finish_reason
+
+    solo = main.TransformersEngine(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", batching="off"))
+    stopped, beside = concurrently(france, lambda: ask(client, "Name a planet."))
+    assert stopped == ("The capital of France", "stop")
+    assert beside == run(solo, "Name a planet.", greedy(32))[0]
+
+
+@pytest.mark.slow
 def test_smollm2_over_http_answers_the_same_with_prompts_prefilled_in_slices(
     smollm2_dir: Path, live_server: Callable[..., LiveServer]
 ) -> None:
