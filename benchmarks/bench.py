@@ -65,13 +65,8 @@ def prepared_model_dir(model: Path) -> Path:
     if not (target / "model.safetensors").is_file():
         import main
 
-        loaded = main.load_model(main.Settings(model_repo_id=str(model), device_map="cpu", torch_dtype="float32"))
-        if getattr(loaded.model, "hf_quantizer", None) is not None:
-            loaded.model.hf_quantizer.remove_quantization_config(loaded.model)
-        head = loaded.model.get_output_embeddings().weight
-        head.data = head.data.contiguous()  # load_model stores it transposed on CPU; save_pretrained needs contiguous
-        loaded.model.save_pretrained(target)
-        loaded.tokenizer.save_pretrained(target)
+        WORK.mkdir(parents=True, exist_ok=True)
+        main.convert_gguf(model, target)  # the README's `python main.py convert-gguf`
     return target
 
 

@@ -313,16 +313,8 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
     target = CACHE_DIR / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file():
         return target
-    loaded = main.load_model(make_settings(model_repo_id=str(smollm2_gguf), device_map="cpu"))
-    if getattr(loaded.model, "hf_quantizer", None) is not None:
-        loaded.model.hf_quantizer.remove_quantization_config(loaded.model)
-    head = loaded.model.get_output_embeddings().weight
-    head.data = head.data.contiguous()  # load_model stores it transposed on CPU; save_pretrained needs contiguous
-    tmp = target.with_name(target.name + ".tmp")
-    loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
-    return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return main.convert_gguf(smollm2_gguf, target)  # the README's `python main.py convert-gguf`
 
 
 # ---- live servers ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -37,7 +38,12 @@ def test_json_completion_folds_the_scripted_tokens() -> None:
     assert body["object"] == "chat.completion"
     assert body["model"] == "scripted"
     assert body["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "logprobs": None, "finish_reason": "stop"}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello!", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
     ]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert len(response.headers["x-session-id"]) == 32
@@ -226,8 +232,9 @@ def test_models_and_health() -> None:
         health = client.get("/health").json()
     assert models == {
         "object": "list",
-        "data": [{"id": "my/model", "object": "model", "created": 0, "owned_by": "local"}],
+        "data": [{"id": "my/model", "object": "model", "created": models["data"][0]["created"], "owned_by": "local"}],
     }
+    assert abs(models["data"][0]["created"] - time.time()) < 60  # when the server started
     assert live.json() == {"status": "ok"}
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "model_not_ready"
     assert health["model_loaded"] is False and health["model"] == "my/model"
@@ -255,3 +262,33 @@ def test_logs_never_contain_the_hf_token_or_bearer_keys(caplog: pytest.LogCaptur
     assert "could not be loaded" in caplog.text
     assert secret not in caplog.text
     assert "sk-abc123" not in caplog.text
+
+
+def test_openapi_documents_every_response_of_every_route() -> None:
+    """Typed response models: every route's 200 has a schema (a $ref or an SSE of chunks); no 422, which this
+    server never sends (validation errors are 400 with the OpenAI error body)."""
+    with client_for(ScriptedEngine(["x"])) as client:
+        schema = client.get("/openapi.json").json()
+    documented = {}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)
+            content = operation["responses"]["200"]["content"]
+            documented[f"{method.upper()} {path}"] = {kind: body.get("schema", {}).get("$ref", "").rpartition("/")[2]
+                                                      for kind, body in content.items()}  # fmt: skip
+    assert documented == {
+        "POST /v1/chat/completions": {"application/json": "ChatCompletion", "text/event-stream": "ChatCompletionChunk"},
+        "GET /v1/sessions/{session_id}/events": {"text/event-stream": "ChatCompletionChunk"},
+        "GET /v1/sessions/{session_id}": {"application/json": "SessionInfo"},
+        "POST /v1/cancel/{session_id}": {"application/json": "CancelResult"},
+        "GET /v1/models": {"application/json": "ModelList"},
+        "GET /v1/models/{model}": {"application/json": "ModelCard"},
+        "GET /health": {"application/json": "Health"},
+        "GET /metrics": {main.CONTENT_TYPE_LATEST: ""},
+        "GET /health/live": {"application/json": "Live"},
+        "GET /health/ready": {"application/json": "Ready"},
+    }
+    assert schema["paths"]["/v1/models"]["get"]["responses"]["401"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    assert {"ChatCompletionRequest", "Usage", "ChunkDelta", "ErrorDetail"} <= set(schema["components"]["schemas"])

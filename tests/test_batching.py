@@ -4,6 +4,7 @@ their own max_tokens, and are cancelled alone; one engine thread steps them all.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,21 @@ def test_incremental_decoder_joins_to_the_full_decode(engine: main.TransformersE
 
 
 # ---- equal to solo ------------------------------------------------------------------------------------------------
+
+
+def test_the_scheduler_passes_the_cache_by_the_name_forward_takes(engine: main.TransformersEngine) -> None:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; the old name printed a FutureWarning at
+    the first step of every run. The name chosen for the installed version raises none."""
+    import torch
+    from transformers import DynamicCache
+
+    model = engine.handle.get().model
+    keyword = main.cache_keyword(model)
+    ids = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        model(input_ids=ids, **{keyword: DynamicCache(config=model.config)}, use_cache=True)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_the_batched_path_is_chosen_for_text_models(engine: main.TransformersEngine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -67,14 +68,85 @@ def test_closing_the_stream_early_stops_the_model_thread(tiny_engine: main.Trans
 
 def test_load_failure_is_model_not_ready_and_retried(tmp_path: Path) -> None:
     target = tmp_path / "not-yet"
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(target), device_map="cpu"))
+    engine = main.TransformersEngine(
+        make_settings(model_repo_id=str(target), device_map="cpu", model_load_retry_seconds=0)
+    )
     with pytest.raises(main.ModelNotReady) as caught:
         engine.load()
-    assert caught.value.message.startswith(f"model {target} could not be loaded")
+    assert caught.value.message == f"model {target} could not be loaded: no such file or folder: {target}"
     assert engine.load_error() == caught.value.message and not engine.is_loaded()
     build_tiny_qwen3(target)  # the model appears; the next request retries and succeeds
     engine.load()
     assert engine.is_loaded() and engine.load_error() is None
+
+
+def test_a_failed_load_is_not_retried_before_model_load_retry_seconds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failure, requests get the error at once with Retry-After (no second ~25 s hub attempt each), the
+    advice is logged once, and the next attempt comes when the window has passed."""
+    now = [1000.0]
+    target = tmp_path / "missing.gguf"
+    handle = main.ModelHandle(
+        make_settings(model_repo_id=str(target), model_load_retry_seconds=30), clock=lambda: now[0]
+    )
+    attempts: list[int] = []
+    real_load = main.load_model
+
+    def counting_load(settings: main.Settings) -> main.LoadedModel:
+        attempts.append(1)
+        return real_load(settings)
+
+    with caplog.at_level(logging.INFO, logger="llm_server"):
+        main.load_model = counting_load  # type: ignore[assignment]
+        try:
+            failures = []
+            for step in (0.0, 10.0, 19.5):
+                now[0] += step
+                with pytest.raises(main.ModelNotReady) as caught:
+                    handle.get()
+                failures.append((caught.value.headers["Retry-After"], caught.value.message))
+            now[0] += 0.6  # 30.1 s after the failure: tried again
+            with pytest.raises(main.ModelNotReady):
+                handle.get()
+        finally:
+            main.load_model = real_load  # type: ignore[assignment]
+    error = f"model {target} could not be loaded: no such file or folder: {target}"
+    assert failures == [("30", f"{error}; next attempt in 30 s"), ("20", f"{error}; next attempt in 20 s"),
+                        ("1", f"{error}; next attempt in 1 s")]  # fmt: skip
+    assert len(attempts) == 2
+    advice = [r.getMessage() for r in caplog.records if "HF_HUB_OFFLINE=1" in r.getMessage()]
+    assert advice == [f"{error}. {main.LOAD_FAILURE_ADVICE}. Requests get 503 until the next attempt, 30 s from now."]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading model")] == [
+        f"loading model {target}", f"loading model {target}"]  # fmt: skip
+
+
+def test_library_log_records_are_written_once() -> None:
+    """huggingface_hub's own stderr handler plus propagation to ours printed every retry warning twice. After
+    route_library_logs, each record is written by the root handler alone."""
+    import huggingface_hub  # noqa: F401  (adds its handler on import)
+    import transformers  # noqa: F401
+
+    written: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append(record.getMessage())
+
+    main.route_library_logs()
+    root = logging.getLogger()
+    counter = Count()
+    root.addHandler(counter)
+    try:
+        for name in ("huggingface_hub.utils._http", "transformers.modeling_utils"):
+            logging.getLogger(name).warning("once from %s", name)
+        own = [
+            h for n in main.LIBRARY_LOGGERS for h in logging.getLogger(n).handlers if type(h) is logging.StreamHandler
+        ]
+    finally:
+        root.removeHandler(counter)
+    assert own == []
+    assert written == ["once from huggingface_hub.utils._http", "once from transformers.modeling_utils"]
 
 
 def test_a_text_config_loads_the_causal_lm_class_without_vision(tiny_model_dir: Path) -> None:

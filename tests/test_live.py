@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -49,9 +50,22 @@ def test_include_usage_gives_a_final_usage_chunk_with_no_choices(tiny_server: Li
     assert last.usage.completion_tokens == 5  # type: ignore[attr-defined]
 
 
-def test_models_list(tiny_server: LiveServer, tiny_model_dir: object) -> None:
-    models = client_for(tiny_server).models.list()
-    assert [m.id for m in models.data] == [str(tiny_model_dir)]
+def test_models_list_and_retrieve_serve_the_folder_name_not_its_path(
+    tiny_server: LiveServer, tiny_model_dir: Path
+) -> None:
+    client = client_for(tiny_server)
+    assert [m.id for m in client.models.list().data] == [tiny_model_dir.name]  # never the server's file system
+    assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.body == {  # type: ignore[comparison-overlap]
+        "message": f"The model 'gpt-4o' does not exist; this server serves {tiny_model_dir.name!r}",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+    }  # fmt: skip
+    answer = client.chat.completions.create(
+        model="anything", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.model == tiny_model_dir.name  # the request's `model` is informational; the reply names ours
 
 
 @pytest.mark.parametrize(

@@ -65,31 +65,36 @@ def test_event_id_round_trip(session_id: str, index: int) -> None:
 # ---- OpenAI shapes ---------------------------------------------------------------------------------------------
 
 
+CHUNK_HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m","choices":'
+
+
 @pytest.mark.parametrize(
-    ("delta", "finish_reason"),
-    [({"role": "assistant", "content": ""}, None), ({"content": "Hi"}, None), ({}, "stop"), ({}, "cancelled")],
-)
-def test_make_chunk(delta: dict[str, Any], finish_reason: str | None) -> None:
-    assert main.make_chunk(META, delta, finish_reason) == {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "m",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    ("kwargs", "choices"),
+    [
+        ({"content": "", "role": True},
+         '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'),
+        ({"content": "Hi"}, '[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]'),
+        ({"finish_reason": "stop"}, '[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]'),
+        ({"finish_reason": "length"}, '[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}]'),
+        ({"finish_reason": "cancelled"}, '[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]'),
+    ],
+)  # fmt: skip
+def test_make_chunk_exact_json(kwargs: dict[str, Any], choices: str) -> None:
+    """The exact `data:` payloads; a cancelled generation says "stop" (the spec has no "cancelled")."""
+    assert main.make_chunk(META, **kwargs).model_dump_json() == CHUNK_HEAD + choices + "}"
 
 
 @pytest.mark.parametrize(("prompt", "completion", "total"), [(0, 0, 0), (7, 3, 10), (1000, 1, 1001)])
 def test_make_usage(prompt: int, completion: int, total: int) -> None:
     usage = main.make_usage(prompt, completion)
-    assert usage == {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
-    assert main.make_usage_chunk(META, usage)["choices"] == []
-    assert main.make_usage_chunk(META, usage)["usage"] == usage
+    assert usage.model_dump() == {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    usage_json = f'{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{total}}}'
+    assert main.make_usage_chunk(META, usage).model_dump_json() == CHUNK_HEAD + '[],"usage":' + usage_json + "}"
 
 
 def test_make_completion() -> None:
     usage = main.make_usage(5, 2)
-    assert main.make_completion(META, "Hi!", "stop", usage) == {
+    assert main.make_completion(META, "Hi!", "stop", usage).model_dump() == {
         "id": "chatcmpl-1",
         "object": "chat.completion",
         "created": 1700000000,
@@ -97,21 +102,21 @@ def test_make_completion() -> None:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "Hi!"},
+                "message": {"role": "assistant", "content": "Hi!", "refusal": None},
                 "logprobs": None,
                 "finish_reason": "stop",
             }
         ],
-        "usage": usage,
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
 
 
 def _events(*deltas: str, finish: str = "stop", usage: tuple[int, int] | None = (5, 2)) -> list[str]:
-    events = [json.dumps(main.make_chunk(META, {"role": "assistant", "content": ""}))]
-    events += [json.dumps(main.make_chunk(META, {"content": d})) for d in deltas]
-    events.append(json.dumps(main.make_chunk(META, {}, finish)))
+    events = [main.make_chunk(META, "", role=True).model_dump_json()]
+    events += [main.make_chunk(META, d).model_dump_json() for d in deltas]
+    events.append(main.make_chunk(META, finish_reason=finish).model_dump_json())
     if usage:
-        events.append(json.dumps(main.make_usage_chunk(META, main.make_usage(*usage))))
+        events.append(main.make_usage_chunk(META, main.make_usage(*usage)).model_dump_json())
     return [*events, main.DONE]
 
 
@@ -120,13 +125,15 @@ def _events(*deltas: str, finish: str = "stop", usage: tuple[int, int] | None = 
     [
         (_events("Hel", "lo", "!"), "Hello!", "stop"),
         (_events(finish="length"), "", "length"),
-        (_events("partial", finish="cancelled", usage=None), "partial", "cancelled"),
+        (_events("partial", finish="cancelled", usage=None), "partial", "stop"),
+        (["{\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"old\"},\"finish_reason\":\"cancelled\"}]}", main.DONE],
+         "old", "stop"),  # a session journaled by an older version replays its own bytes; the fold conforms
     ],
-)
+)  # fmt: skip
 def test_fold_completion(events: list[str], text: str, finish: str) -> None:
     completion = main.fold_completion(META, events)
-    assert completion["choices"][0]["message"] == {"role": "assistant", "content": text}
-    assert completion["choices"][0]["finish_reason"] == finish
+    assert completion.choices[0].message.model_dump() == {"role": "assistant", "content": text, "refusal": None}
+    assert completion.choices[0].finish_reason == finish
 
 
 def test_fold_completion_raises_the_error_event() -> None:
@@ -308,3 +315,105 @@ def test_ring_buffer_wraps_and_reports_gone() -> None:
     assert ring.read_from(9) == []
     with pytest.raises(main.EventsGone):
         ring.read_from(1)
+
+
+# ---- model ids, validation errors, nullable fields (issue 12) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "served", "expected"),
+    [
+        ("unsloth/Qwen3-4B-Instruct-2507", "", "unsloth/Qwen3-4B-Instruct-2507"),
+        ("gpt2", "", "gpt2"),
+        ("/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("./nothing.gguf", "", "nothing.gguf"),
+        ("/home/me/models/qwen3-4b/", "", "qwen3-4b"),
+        ("C:\\models\\qwen3-4b\\", "", "qwen3-4b"),
+        ("~/models/qwen", "", "qwen"),
+        ("/srv/models/x.gguf", "my-model", "my-model"),
+    ],
+)
+def test_served_model_id_is_never_an_absolute_path(repo_id: str, served: str, expected: str) -> None:
+    settings = main.Settings.from_env({"MODEL_REPO_ID": repo_id, "SERVED_MODEL_NAME": served})
+    assert settings.model_id() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("unsloth/Qwen3-4B", False), ("gpt2", False), ("./m", True), ("../m", True), ("~/m", True),
+     ("/m", True), ("\\\\host\\m", True), ("C:/m", True), ("d:\\m", True), ("m.GGUF", True), ("a/b/c", True),
+     ("has space/x", True)],
+)  # fmt: skip
+def test_looks_like_path(text: str, expected: bool) -> None:
+    assert main.looks_like_path(text) is expected
+
+
+def _validation_error(body: dict[str, Any]) -> tuple[str | None, str]:
+    with pytest.raises(main.ValidationError) as caught:
+        main.ChatCompletionRequest.model_validate(body)
+    error = main.describe_validation_error(list(caught.value.errors()))
+    return error.param, error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"messages": [{"role": "user"}]}, "messages[0]", "messages[0]: a user message needs content"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": None}]}, "messages[1]",
+         "messages[1]: a system message needs content"),
+        ({"messages": [{"role": "developer"}]}, "messages[0]", "messages[0]: a developer message needs content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                    {"type": "input_audio", "input_audio": {"data": ""}}]}]},
+         "messages[0].content[1]",
+         "messages[0].content[1]: type 'input_audio' is not supported (supported: 'text', 'image_url', 'video_url')"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}, "messages[0].content[0]",
+         "messages[0].content[0]: type 'file' is not supported (supported: 'text', 'image_url', 'video_url')"),
+        ({"messages": [{"role": "user", "content": "a"}], "stop": [1]}, "stop[0]",
+         "stop[0]: Input should be a valid string"),
+        ({"messages": [{"role": "user", "content": "a"}], "n": "x"}, "n",
+         "n: Input should be a valid integer, unable to parse string as an integer"),
+        ({}, "messages", "messages: Field required"),
+    ],
+)  # fmt: skip
+def test_validation_errors_name_the_field_at_fault(body: dict[str, Any], param: str, message: str) -> None:
+    assert _validation_error(body) == (param, message)
+
+
+def test_an_assistant_message_may_have_no_content() -> None:
+    request = main.ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}, {"role": "assistant"}]}
+    )
+    assert [m.content for m in request.messages] == ["a", None, None]
+
+
+# Every CreateChatCompletionRequest property the OpenAI spec marks nullable (anyOf null or nullable: true), as
+# listed by tests/test_spec.py from the spec itself; null means "the default".
+SPEC_NULLABLE_REQUEST_FIELDS = [
+    "audio", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
+    "modalities", "n", "prediction", "presence_penalty", "prompt_cache_retention", "reasoning_effort", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "top_logprobs", "top_p", "verbosity",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SPEC_NULLABLE_REQUEST_FIELDS)
+def test_every_nullable_request_field_accepts_null_as_the_default(name: str) -> None:
+    request = _request(**{name: None})
+    assert main.to_generation_params(request, main.Settings()) == main.GenerationParams(
+        max_new_tokens=256, temperature=0.7
+    )
+    assert not request.stream
+
+
+def test_null_stream_options_fields_mean_the_default() -> None:
+    request = _request(stream=True, stream_options={"include_usage": None})
+    assert request.stream_options is not None and not request.stream_options.include_usage
+
+
+@pytest.mark.parametrize(
+    "text", ["", " word", 'q"uote\\', "é ü ß", "\u2028\u2029", "\n\t\r", "\x00\x01\x1f\x7f", "😀 🇫🇷", "</script>"]
+)
+@pytest.mark.parametrize("model", ["m", 'a"b\\c/é', "unsloth/Qwen3-4B-Instruct-2507"])
+def test_content_chunks_are_the_typed_chunk_byte_for_byte(text: str, model: str) -> None:
+    """The per-token fast path is the model's own bytes, not a second definition of the chunk."""
+    meta = main.StreamMeta(completion_id="chatcmpl-9", created=1, model=model, include_usage=False)
+    assert main.ContentChunks(meta).encode(text) == main.make_chunk(meta, text).model_dump_json()

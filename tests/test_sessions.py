@@ -268,3 +268,80 @@ def test_with_a_journal_events_are_readable_only_once_committed(tmp_path: Path) 
         journal.close()
 
     asyncio.run(scenario())
+
+
+# ---- issue 13: the journal's edges ------------------------------------------------------------------------------
+
+
+def test_done_and_the_final_state_are_one_journal_operation(tmp_path: Path) -> None:
+    """run_generation used to journal [DONE] and the state as two operations; a crash between two batches left
+    [DONE] under a running session, and recovery appended an error and a second [DONE]."""
+
+    async def scenario() -> list[main.JournalOp]:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        queued: list[main.JournalOp] = []
+        put = journal._put_op
+        journal._put_op = lambda op: (queued.append(op), put(op))  # type: ignore[method-assign, func-returns-value]
+        session = main.Session("s", META, 16, journal)
+        session.finish(main.SessionState.FINISHED)
+        await asyncio.to_thread(journal.flush)
+        journal.close()
+        return queued
+
+    (op,) = asyncio.run(scenario())
+    assert [sql.split()[0] for sql, _ in op.statements] == ["INSERT", "UPDATE"]
+    assert op.statements[0][1] == ("s", 0, main.DONE) and op.statements[1][1][0] == "finished"
+
+
+def test_recovery_treats_a_session_whose_last_event_is_done_as_ended(tmp_path: Path) -> None:
+    """A journal written before the fix (or by any path that lost only the state) never gets a second [DONE]."""
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("ended", META, "{}", 1.0)
+    for index, data in enumerate(['{"a": 1}', main.DONE]):
+        journal.record_event("ended", index, data)
+    journal.record_state("ended", main.SessionState.RUNNING, None)
+    journal.flush()
+    assert journal.recover_interrupted(now=5.0) == []
+    ended = journal.load_session("ended")
+    assert ended is not None and (ended.state, ended.ended_at) == ("finished", 5.0)
+    assert [e.data for e in ended.events] == ['{"a": 1}', main.DONE]
+    journal.close()
+
+
+def test_events_that_never_reached_a_failed_journal_are_marked_and_dropped_at_recovery(tmp_path: Path) -> None:
+    """After the journal fails mid-stream, events are still sent. The first index that never reached the file is
+    marked (once the disk takes a write again) and recovery drops what is past it instead of appending the
+    interrupted tail at indices clients already hold as content."""
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("s", META, "{}", 1.0)
+    journal.record_state("s", main.SessionState.RUNNING, None)
+    for index in range(3):
+        journal.record_event("s", index, f'{{"i": {index}}}')
+    journal.flush()
+    journal._put("INSERT INTO missing_table VALUES (?)", (1,))  # the failure (a full disk, say)
+    journal.record_event("s", 3, '{"i": 3}')  # in the failing batch or dropped after it: lost either way
+    journal.flush()
+    journal.record_event("s", 4, '{"i": 4}')
+    assert journal.error is not None and journal.lost_from == {"s": 3}
+    journal.close()  # writes the mark on a connection of its own
+    reopened = main.SqliteJournal(tmp_path / "s.db")
+    assert reopened.recover_interrupted(now=9.0) == ["s"]
+    stored = reopened.load_session("s")
+    assert stored is not None and (stored.state, stored.lost_from) == ("interrupted", 3)
+    assert [e.data for e in stored.events] == ['{"i": 0}', '{"i": 1}', '{"i": 2}']  # no tail at 3, 4, ...
+    reopened.close()
+
+
+def test_store_find_reads_sqlite_after_a_journal_failure(tmp_path: Path) -> None:
+    """After a failed write, `find` ignored SQLite, so a session from before the restart became a 404."""
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("old", META, "{}", 1.0)
+    journal.record_event("old", 0, main.DONE)
+    journal.record_state("old", main.SessionState.FINISHED, 2.0)
+    journal.flush()
+    journal.error = "session journal failed: database or disk is full"
+    store = main.SessionStore(make_settings())
+    store.journal = journal
+    found = asyncio.run(store.find("old"))
+    journal.close()
+    assert found is not None and found.state == "finished" and found.buffer.next_index == 1

@@ -277,7 +277,7 @@ def test_text_only_model_refuses_images(tiny_model_dir: Path) -> None:
     engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
     with pytest.raises(main.BadRequest) as caught:
         prepare(engine, ask(image_part(data_url(png_bytes()))))
-    assert caught.value.message == f"model {tiny_model_dir} does not accept images or videos"
+    assert caught.value.message == f"model {tiny_model_dir.name} does not accept images or videos"
     assert caught.value.param == "messages[0].content[0]"
 
 
