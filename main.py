@@ -1251,7 +1251,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def describe_load_error(repo_id: str, exc: BaseException) -> str:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
     if isinstance(exc, OSError) and not looks_like_path(repo_id):
         return f"model {repo_id} could not be loaded (no network and no local copy?): {first_line}"
     return f"model {repo_id} could not be loaded: {first_line}"
