@@ -2340,23 +2340,22 @@ class Session:
     def append(self, data: str) -> int:
         index = self.buffer.append(data)
         if self.journal is not None:
-            loop = asyncio.get_running_loop()
-            self.journal.record_event(
-                self.key, index, data, lambda: loop.call_soon_threadsafe(self._mark_durable, index)
-            )
+            self.journal.record_event(self.key, index, data, self._on_durable(index))
         self._notify()
         return index
 
     def finish(self, state: str) -> None:
         """Appends [DONE] and ends the session in `state`: one journal operation for both."""
         index = self.buffer.append(DONE)
-        self.state, self.ended_at = state, time.time()
-        self.cancel_grace_timer()
+        self._enter(state)
         if self.journal is not None:
-            loop = asyncio.get_running_loop()
-            self.journal.record_end(self.key, index, DONE, state, self.ended_at,
-                                    lambda: loop.call_soon_threadsafe(self._mark_durable, index))  # fmt: skip
+            self.journal.record_end(self.key, index, DONE, state, self.ended_at, self._on_durable(index))
         self._notify()
+
+    def _on_durable(self, index: int) -> Callable[[], object]:
+        """The journal's commit callback for event `index` (it runs on the writer thread)."""
+        loop = asyncio.get_running_loop()
+        return lambda: loop.call_soon_threadsafe(self._mark_durable, index)
 
     def _mark_durable(self, index: int) -> None:
         if index > self.durable_index:
@@ -2376,13 +2375,16 @@ class Session:
         self._changed = asyncio.Event()  # deliberate: a fresh event per change; waiters hold the old one
 
     def set_state(self, state: str) -> None:
+        self._enter(state)
+        if self.journal is not None:
+            self.journal.record_state(self.key, state, self.ended_at)
+        self._notify()
+
+    def _enter(self, state: str) -> None:
         self.state = state
         if state in SessionState.ENDED:
             self.ended_at = time.time()
             self.cancel_grace_timer()
-        if self.journal is not None:
-            self.journal.record_state(self.key, state, self.ended_at)
-        self._notify()
 
     def cancel_grace_timer(self) -> None:
         """Drops a pending disconnect timer; it would otherwise keep this session alive until it fires."""
@@ -2769,19 +2771,19 @@ READ_WAIT_SECONDS = 60.0  # a reader re-checks its session this often even if no
 
 async def sse_body(
     session: Session, after_index: int, watch: DisconnectWatch, cursor: ReadCursor, on_shutdown: ShutdownHook
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     """The events of one SSE response. `on_shutdown` waits for the server to begin shutting down and then ends
     the unfinished sessions, so this reader sends their last events before its connection goes."""
     shutdown_watch = asyncio.ensure_future(on_shutdown())
     try:
         async for event in read_session(session, after_index, READ_WAIT_SECONDS, watch, cursor):
-            yield make_sse_event(event.data, format_event_id(session.id, event.index))
+            yield encode_sse(event.data, format_event_id(session.id, event.index))
         if session.lost_from is not None:
             for data in events_lost_tail(session.lost_from):
-                yield make_sse_event(data)  # no id: not an index of this session's
+                yield encode_sse(data)  # no id: not an index of this session's
     except APIError as exc:  # headers are sent: the error becomes the stream's last events
-        yield make_sse_event(json.dumps(exc.body()))
-        yield make_sse_event(DONE)
+        yield encode_sse(json.dumps(exc.body()))
+        yield encode_sse(DONE)
     finally:
         shutdown_watch.cancel()
 
