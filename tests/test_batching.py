@@ -270,7 +270,9 @@ def test_smollm2_in_half_precision_batched_answers_equal_solo_answers(smollm2_di
     batched = main.TransformersEngine(make_settings(**settings))
     solo = main.TransformersEngine(make_settings(**settings, batching="off"))
     assert str(batched.handle.get().model.dtype) == f"torch.{dtype}"
-    questions = ["What is the capital of France?", "What is 2 + 2?", "Say hello in Spanish.", "hi"]
+    # each greedy step's best logit leads the next by >= 0.25 in bfloat16 alone; "Say hello in Spanish." (0.06)
+    # and "What is 2 + 2?" (an exact tie) flipped between runs depending on how arrivals were grouped
+    questions = ["What is the capital of France?", "What color is the sky?", "hi"]
     expected = [run(solo, q, greedy(16)) for q in questions]
     together = concurrently(*[lambda q=q: run(batched, q, greedy(16)) for q in questions])
     assert together == expected
