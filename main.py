@@ -2646,7 +2646,7 @@ async def generate_into(
                 timer.cancel()
     tail = stop.flush()
     if tail:
-        session.append(ContentChunks(meta).encode(tail))
+        session.append(chunks.encode(tail))
     metrics.tokens.inc(finished.completion_tokens)
     if session.cancel_requested:
         return Finished("cancelled", finished.completion_tokens)
