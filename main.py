@@ -541,10 +541,25 @@ def error_response(exc: APIError) -> JSONResponse:
 UNION_BRANCH_LABEL = re.compile(r"[\[\],]|^(str|int|float|bool|none|dict|list)$")
 
 
+TAGGED_UNION_FIELDS = {"messages[].content[]"}  # pydantic puts the branch's tag after these
+
+
 def param_parts(location: tuple[int | str, ...]) -> list[int | str]:
-    """A pydantic error location without "body" and without union branch labels ("str", "list[...]")."""
+    """A pydantic error location without "body", without union branch labels ("str", "list[...]") and without
+    the tag a discriminated union adds after its field (`messages[0].content[0].image_url` for a missing
+    `image_url`, which pydantic reports at `messages[0].content[0].image_url.image_url`)."""
     parts = location[1:] if location and location[0] == "body" else location
-    return [p for p in parts if isinstance(p, int) or not UNION_BRANCH_LABEL.search(p)]
+    kept: list[int | str] = []
+    shape = ""  # the path so far with indexes as [], to recognise the union fields
+    for part in parts:
+        if isinstance(part, str) and UNION_BRANCH_LABEL.search(part):
+            continue
+        if isinstance(part, str) and shape in TAGGED_UNION_FIELDS:
+            shape += "<tag>"  # only the first name after the field is the tag
+            continue
+        kept.append(part)
+        shape += "[]" if isinstance(part, int) else (f".{part}" if shape else part)
+    return kept
 
 
 def to_param_path(location: tuple[int | str, ...]) -> str | None:

@@ -155,10 +155,13 @@ def test_make_error_shape() -> None:
         (("body", "messages", 1, "content"), "messages[1].content"),
         (("body", "n"), "n"),
         (("body",), None),
-        (("body", "messages", 0, "content", 2, "text"), "messages[0].content[2].text"),
+        (("body", "messages", 0, "content", "list[tagged-union[TextPart]]", 2, "text", "text"),
+         "messages[0].content[2].text"),
         (("query", "x"), "query.x"),
+        (("body", "messages", 0, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "image_url", "image_url"),
+         "messages[0].content[0].image_url"),
     ],
-)
+)  # fmt: skip
 def test_to_param_path(location: tuple[int | str, ...], expected: str | None) -> None:
     assert main.to_param_path(location) == expected
 
