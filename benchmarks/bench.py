@@ -38,6 +38,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUBJECTS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a cat that runs a bakery",
             "two rivals climbing a mountain", "a city where it never stops raining", "a map found in a library",
             "the last train of the night", "a garden on the moon"]  # fmt: skip
+STORY_SCHEMA = {"type": "object", "required": ["title", "story"], "additionalProperties": False,
+                "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string"}}}  # fmt: skip
+STORY_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}}
 START_TIMEOUT_SECONDS = 300
 REQUEST_TIMEOUT_SECONDS = 600
 
@@ -139,6 +142,53 @@ def measure_raw(model_dir: Path, dtype: str, device: str, new_tokens: int, batch
         batch_tok_s=batch_tok_s,
         batch_tok_s_server_layout=server_layout,
     )
+
+
+@dataclass
+class GrammarFigures:
+    tokenizer_s: float  # the grammar engine's view of the tokenizer, built once per model
+    compile_cold_s: float
+    compile_cached_s: float
+    mask_step_s: float  # filling and applying `rows` masks, per decode step (median)
+    rows: int
+
+
+def measure_grammar(model_dir: Path, rows: int) -> GrammarFigures:
+    """The constraint's own costs, in-process on the server's code: compile the story schema (cold, then from the
+    cache), then walk `rows` matchers through a real output, timing each step's masks as the batch computes them."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import main
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)
+    compiler = main.GrammarCompiler(tokenizer, vocab, {tokenizer.eos_token_id}, timeout_seconds=60, cache_size=8)
+    started = time.perf_counter()
+    compiler.tokenizer()
+    tokenizer_s = time.perf_counter() - started
+    spec = main.ConstraintSpec(json.dumps(STORY_SCHEMA, separators=(",", ":")), "response_format")
+    started = time.perf_counter()
+    grammar = compiler.compile(spec)
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    compiler.compile(spec)
+    cached = time.perf_counter() - started
+    output = {"title": "The Lighthouse", "story": " ".join(prompt_for(i)[0]["content"] for i in range(8))}
+    tokens = tokenizer.encode(json.dumps(output, separators=(", ", ": ")))
+    constraints = [grammar.start() for _ in range(rows)]
+    bitmask = torch.zeros((rows, main.bitmask_words(vocab)), dtype=torch.int32)
+    logits = torch.zeros((rows, vocab))
+    steps = []
+    for token in tokens:
+        started = time.perf_counter()
+        for row, constraint in enumerate(constraints):
+            constraint.fill(bitmask[row])
+        main.apply_token_bitmask(logits, bitmask, list(range(rows)))
+        steps.append(time.perf_counter() - started)
+        for constraint in constraints:
+            constraint.advance(token)
+    return GrammarFigures(tokenizer_s, cold, cached, statistics.median(steps), rows)
 
 
 # ---- servers as subprocesses -------------------------------------------------------------------------------------
@@ -287,20 +337,21 @@ def stream_chat(url: str, body: dict[str, Any], on_event: Callable[[StreamResult
     return result
 
 
-def chat_body(i: int, new_tokens: int, model: str | None = None) -> dict[str, Any]:
+def chat_body(i: int, new_tokens: int, model: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"messages": prompt_for(i), "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                            "stream_options": {"include_usage": True}}  # fmt: skip
+                            "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
     if model is not None:
         body["model"] = model
     return body
 
 
-def concurrent(url: str, n: int, new_tokens: int, model: str | None = None) -> list[StreamResult]:
+def concurrent(url: str, n: int, new_tokens: int, model: str | None = None, extra: dict[str, Any] | None = None
+               ) -> list[StreamResult]:  # fmt: skip
     barrier, results = threading.Barrier(n), [StreamResult(0.0)] * n
 
     def one(i: int) -> None:
         barrier.wait()
-        results[i] = stream_chat(url, chat_body(i, new_tokens, model))
+        results[i] = stream_chat(url, chat_body(i, new_tokens, model, extra))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -317,11 +368,12 @@ class ConcurrencyFigures:
     ttft_p95: float
 
 
-def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str | None = None) -> ConcurrencyFigures:
-    concurrent(url, n, new_tokens, model)  # warm-up
+def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str | None = None,
+                        extra: dict[str, Any] | None = None) -> ConcurrencyFigures:  # fmt: skip
+    concurrent(url, n, new_tokens, model, extra)  # warm-up
     aggregates, ttfts = [], []
     for _ in range(runs):
-        results = concurrent(url, n, new_tokens, model)
+        results = concurrent(url, n, new_tokens, model, extra)
         span = max(r.end for r in results) - min(r.sent for r in results)
         aggregates.append(sum(r.tokens for r in results) / span)
         ttfts += [r.ttft for r in results]
@@ -356,10 +408,11 @@ def measure_joining(url: str, others: int, new_tokens: int, runs: int) -> float:
     return statistics.median(ttfts)
 
 
-def measure_single(url: str, new_tokens: int, runs: int, model: str | None = None) -> tuple[float, float]:
+def measure_single(url: str, new_tokens: int, runs: int, model: str | None = None, extra: dict[str, Any] | None = None
+                   ) -> tuple[float, float]:  # fmt: skip
     """(decode tok/s counted from the first content event, TTFT), medians."""
-    stream_chat(url, chat_body(0, new_tokens, model))
-    results = [stream_chat(url, chat_body(0, new_tokens, model)) for _ in range(runs)]
+    stream_chat(url, chat_body(0, new_tokens, model, extra))
+    results = [stream_chat(url, chat_body(0, new_tokens, model, extra)) for _ in range(runs)]
     return statistics.median(r.decode_tok_s for r in results), statistics.median(r.ttft for r in results)
 
 
@@ -442,6 +495,14 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                 report.add(f"server TTFT p50 / p95, {n} concurrent",
                            f"{figures.ttft_p50 * 1000:.0f} / {figures.ttft_p95 * 1000:.0f} ms",
                            f"p50 {ratio(figures.ttft_p50, ttft)} of 1 stream; all {n} sent at once")  # fmt: skip
+        constrained_tok_s, _ = measure_single(ours.url, args.new_tokens, args.runs, extra=STORY_FORMAT)
+        report.add("json_schema decode tok/s, 1 stream", f"{constrained_tok_s:.1f}",
+                   f"{ratio(constrained_tok_s, single_tok_s)} of 1 free stream")  # fmt: skip
+        constrained = measure_concurrency(ours.url, top, args.new_tokens, args.runs, extra=STORY_FORMAT)
+        assert top_figures is not None
+        report.add(f"json_schema aggregate tok/s, {top} concurrent", f"{constrained.aggregate_tok_s:.1f}",
+                   f"{ratio(constrained.aggregate_tok_s, top_figures.aggregate_tok_s)} of {top} free streams "
+                   "(goal >= 0.85)")  # fmt: skip
         joining = measure_joining(ours.url, top - 1, args.new_tokens, args.runs)
         streams = f"{top - 1} decoding stream{'s' if top > 2 else ''}"
         report.add(f"server TTFT, joining {streams}", f"{joining * 1000:.0f} ms", f"{ratio(joining, ttft)} of 1 stream")
@@ -463,6 +524,14 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                    f"(measured after the runs above: {before[0] >> 20} MiB)")  # fmt: skip
     finally:
         ours.stop()
+
+    grammar = measure_grammar(model_dir, top)
+    step_s = top / top_figures.aggregate_tok_s  # one decode step of the full batch, from the free streams above
+    report.add(f"json_schema mask cost per step, {grammar.rows} rows", f"{grammar.mask_step_s * 1000:.2f} ms",
+               f"{grammar.mask_step_s / step_s:.1%} of a {top}-row decode step ({step_s * 1000:.0f} ms)")  # fmt: skip
+    report.add("json_schema compile, cold / cached",
+               f"{grammar.compile_cold_s * 1000:.1f} ms / {grammar.compile_cached_s * 1e6:.0f} µs",
+               f"a 2-field schema; the tokenizer's view, once per model: {grammar.tokenizer_s:.2f} s")  # fmt: skip
 
     persistent_env = {"PERSIST_SESSIONS": "1"}
     (WORK / "persistent.db").unlink(missing_ok=True)

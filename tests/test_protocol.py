@@ -160,6 +160,8 @@ def test_make_error_shape() -> None:
         (("query", "x"), "query.x"),
         (("body", "messages", 0, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "image_url", "image_url"),
          "messages[0].content[0].image_url"),
+        (("body", "response_format", "json_schema", "json_schema", "name"), "response_format.json_schema.name"),
+        (("body", "response_format", "json_schema", "json_schema"), "response_format.json_schema"),
     ],
 )  # fmt: skip
 def test_to_param_path(location: tuple[int | str, ...], expected: str | None) -> None:
