@@ -41,6 +41,10 @@ SUBJECTS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a
 STORY_SCHEMA = {"type": "object", "required": ["title", "story"], "additionalProperties": False,
                 "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string"}}}  # fmt: skip
 STORY_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}}
+STORY_TOOL = {"type": "function", "function": {"name": "write_story", "description": "Publishes a story",
+                                               "parameters": STORY_SCHEMA}}  # fmt: skip
+TOOL_FORMAT = {"tools": [STORY_TOOL], "tool_choice": "required"}
+TOOL_TEMPLATE = ROOT / "tests" / "templates" / "Qwen3-4B-Instruct-2507.jinja"  # renders tools; SmolLM2's does not
 START_TIMEOUT_SECONDS = 300
 REQUEST_TIMEOUT_SECONDS = 600
 
@@ -70,6 +74,24 @@ def prepared_model_dir(model: Path) -> Path:
 
         WORK.mkdir(parents=True, exist_ok=True)
         main.convert_gguf(model, target)  # the README's `python main.py convert-gguf`
+    return target
+
+
+def with_tool_template(model_dir: Path) -> Path:
+    """The same model with Qwen3's chat template, which renders tools (SmolLM2 speaks the same ChatML). Weights are
+    hard-linked where the file system allows it."""
+    import shutil
+
+    target = WORK / f"{model_dir.name}-qwen3-template"
+    if not (target / "model.safetensors").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        for path in model_dir.iterdir():
+            if path.is_file() and path.name != "chat_template.jinja":
+                try:
+                    os.link(path, target / path.name)
+                except OSError:
+                    shutil.copy2(path, target / path.name)
+        shutil.copy2(TOOL_TEMPLATE, target / "chat_template.jinja")
     return target
 
 
@@ -142,6 +164,28 @@ def measure_raw(model_dir: Path, dtype: str, device: str, new_tokens: int, batch
         batch_tok_s=batch_tok_s,
         batch_tok_s_server_layout=server_layout,
     )
+
+
+def measure_parser_per_token(tokenizer_dir: Path) -> tuple[float, float]:
+    """Seconds per token to turn text into chunk payloads: free text with no tools (`ContentChunks` alone), and the
+    same text through the tool-call parser (tools given, the model answering in prose)."""
+    from transformers import AutoTokenizer
+
+    import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = " ".join(prompt_for(i)[0]["content"] for i in range(8)) * 4
+    pieces = [tokenizer.decode([t]) for t in tokenizer.encode(text)]
+    meta = main.StreamMeta("chatcmpl-x", 0, "m", False)
+    figures = []
+    for output in (main.OutputFormat(), main.OutputFormat(tool_calls=True)):
+        chunks = main.AnswerChunks(meta, output)
+        started = time.perf_counter()
+        for piece in pieces:
+            chunks.encode(piece)
+        chunks.flush()
+        figures.append((time.perf_counter() - started) / len(pieces))
+    return figures[0], figures[1]
 
 
 @dataclass
@@ -524,6 +568,21 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                    f"(measured after the runs above: {before[0] >> 20} MiB)")  # fmt: skip
     finally:
         ours.stop()
+
+    tools_dir = with_tool_template(model_dir)
+    tooled = start_ours(tools_dir, args.dtype, args.device, top, "tools")
+    try:
+        free = measure_concurrency(tooled.url, top, args.new_tokens, args.runs)
+        forced = measure_concurrency(tooled.url, top, args.new_tokens, args.runs, extra=TOOL_FORMAT)
+        report.add(f"forced tool call aggregate tok/s, {top} concurrent", f"{forced.aggregate_tok_s:.1f}",
+                   f"{ratio(forced.aggregate_tok_s, free.aggregate_tok_s)} of {top} free streams "
+                   f"({free.aggregate_tok_s:.1f}), same server (Qwen3 template)")  # fmt: skip
+    finally:
+        tooled.stop()
+    plain_s, parsed_s = measure_parser_per_token(model_dir)
+    report.add("chunk encoding per token: no tools / with tools (parser)",
+               f"{plain_s * 1e6:.1f} / {parsed_s * 1e6:.1f} µs",
+               "no tools: the parser is not used at all")  # fmt: skip
 
     grammar = measure_grammar(model_dir, top)
     step_s = top / top_figures.aggregate_tok_s  # one decode step of the full batch, from the free streams above

