@@ -704,6 +704,10 @@ GRAMMAR_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_sep
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5, Qwen3 and Hermes-style templates
 
 
+ConstraintKind = Literal["json_schema", "tool_call", "tool_calls", "auto_tool_call", "auto_tool_calls"]
+# tool_call(s): the answer is one call, or one or more; auto_: free text, then (optionally) the call(s)
+
+
 @dataclass(frozen=True)
 class ConstraintSpec:
     """What the output must be, as the request said it: a JSON Schema, compact JSON text in the request's key order
@@ -712,7 +716,7 @@ class ConstraintSpec:
 
     source: str  # the JSON Schema; for tool calls, the schema of one call's JSON
     param: str
-    kind: Literal["json_schema", "tool_call", "tool_calls"] = "json_schema"  # one, or one or more, tool calls
+    kind: ConstraintKind = "json_schema"
 
 
 @dataclass(frozen=True)
@@ -1072,28 +1076,33 @@ def to_template_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | 
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def tool_call_schema(function: FunctionSpec) -> dict[str, Any]:
+def tool_call_schema(function: FunctionSpec, enforce_arguments: bool = True) -> dict[str, Any]:
+    arguments = close_objects(function.parameters) if function.parameters is not None else NO_ARGUMENTS
     return {"type": "object", "properties": {"name": {"const": function.name},
-            "arguments": close_objects(function.parameters) if function.parameters is not None else NO_ARGUMENTS},
+            "arguments": arguments if enforce_arguments else {"type": "object"}},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
 
 def to_tool_constraint(request: ChatCompletionRequest) -> ConstraintSpec | None:
     """`tool_choice` "required" or a named function, as a grammar: the answer is `<tool_call>` blocks (one, or
     one or more with parallel calls) whose JSON is a call of an allowed function with arguments that validate
-    against its `parameters`. Written in the Qwen3/Hermes format, the one the parser reads."""
+    against its `parameters`. Written in the Qwen3/Hermes format, the one the parser reads. With `auto` and a
+    `strict` tool, free text may come first and the calls are optional, but a call's name is one of the tools and
+    a strict tool's arguments validate."""
     choice, tools = request.tool_choice, request.tools or []
+    several = request.parallel_tool_calls is not False
     if choice == "required":
-        allowed = [tool.function for tool in tools]
+        allowed, kind = [tool.function for tool in tools], "tool_calls" if several else "tool_call"
     elif isinstance(choice, NamedToolChoice):
-        allowed = [tool.function for tool in tools if tool.function.name == choice.function.name]
+        allowed, kind = [tool.function for tool in tools if tool.function.name == choice.function.name], "tool_call"
+    elif choice in (None, "auto") and any(tool.function.strict for tool in tools):
+        allowed, kind = [tool.function for tool in tools], "auto_tool_calls" if several else "auto_tool_call"
     else:
         return None
-    schemas = [tool_call_schema(function) for function in allowed]
+    schemas = [tool_call_schema(f, enforce_arguments=f.strict or not kind.startswith("auto")) for f in allowed]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     body = json.dumps({"x-guidance": GRAMMAR_LAYOUT, **schema}, ensure_ascii=False)
-    several = request.parallel_tool_calls is not False and choice == "required"
-    return ConstraintSpec(body, "tools", kind="tool_calls" if several else "tool_call")
+    return ConstraintSpec(body, "tools", kind=kind)  # type: ignore[arg-type]
 
 
 def check_tool_messages(messages: list[ChatMessage]) -> None:
@@ -1684,6 +1693,9 @@ class GrammarCompiler:
                                                                eos_token=self.eos)  # fmt: skip
             return self._tokenizer
 
+    def tag_is_token(self, tag: str) -> bool:
+        return self.tag_reference(tag).startswith("<[")
+
     def tag_reference(self, tag: str) -> str:
         """A tag as a grammar must write it: where the tokenizer has the tag as one added token (Qwen3's
         `<tool_call>`), that token, `<[id]>` (llguidance keeps added tokens apart from text: the literal would
@@ -1734,9 +1746,12 @@ class GrammarCompiler:
 
 
 def tool_call_lark(spec: ConstraintSpec, tag: Callable[[str], str]) -> str:
-    """Forced tool calls as a Lark grammar: one `<tool_call>` block, or several on their own lines, each holding
-    JSON that matches `spec.source`; `tag` writes a tag as the tokenizer knows it."""
-    start = 'start: call ("\\n" call)*' if spec.kind == "tool_calls" else "start: call"
+    """Tool calls as a Lark grammar: one `<tool_call>` block, or several on their own lines, each holding JSON that
+    matches `spec.source`; `tag` writes a tag as the tokenizer knows it. The auto kinds let free text come first
+    (TEXT matches text only, never an added token such as Qwen3's `<tool_call>`, so the text ends where a call
+    starts) and the calls are optional."""
+    calls = 'call ("\\n" call)*' if spec.kind.endswith("calls") else "call"
+    start = f"start: TEXT? ({calls})?\nTEXT: /(?s:.+)/" if spec.kind.startswith("auto") else f"start: {calls}"
     return f'{start}\ncall: {tag(TOOL_CALL_OPEN)} "\\n" body "\\n" {tag(TOOL_CALL_CLOSE)}\nbody: %json {spec.source}\n'
 
 
@@ -2791,11 +2806,17 @@ class TransformersEngine:
             raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
         inputs = inputs.to(loaded.model.device)
         tail = loaded.tokenizer.decode(inputs["input_ids"][0, -PROMPT_TAIL_TOKENS:])
-        # deliberate: a constrained answer starts at its first token, so it has no reasoning to parse, even where
-        # the prompt opened <think> (the grammar is what the model writes)
-        reasoning = "off" if params.constraint is not None else reasoning_mode(source, tail, template.kwargs)
+        reasoning, constraint = reasoning_mode(source, tail, template.kwargs), params.constraint
+        if constraint is not None and constraint.kind.startswith("auto"):
+            # `strict` with `auto` needs the call tag as one token (the free text must end where a call starts)
+            # and no reasoning (its tags are tokens the free text cannot hold): otherwise it is not enforced
+            usable = reasoning == "off" and self.grammars(loaded).tag_is_token(TOOL_CALL_OPEN)
+            constraint = constraint if usable else None
+        # deliberate: a forced answer starts at its first token, so it has no reasoning to parse, even where the
+        # prompt opened <think> (the grammar is what the model writes)
+        reasoning = "off" if constraint is not None else reasoning
         output = OutputFormat(bool(template.tools), reasoning, params.parallel_tool_calls)
-        grammar = self.grammars(loaded).compile(params.constraint) if params.constraint is not None else None
+        grammar = self.grammars(loaded).compile(constraint) if constraint is not None else None
         return PreparedPrompt(inputs, int(inputs["input_ids"].shape[1]), grammar, output)
 
     def grammars(self, loaded: LoadedModel) -> GrammarCompiler:

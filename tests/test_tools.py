@@ -265,6 +265,72 @@ def test_a_forced_choice_is_a_constraint_on_the_allowed_calls(
     assert '\ncall: "<tool_call>" "\\n" body "\\n" "</tool_call>"\nbody: %json {' in lark
 
 
+def prepare_request(engine: main.TransformersEngine, wire: main.ChatCompletionRequest) -> main.PreparedPrompt:
+    template = main.TemplateInputs(main.to_template_tools(wire), wire.chat_template_kwargs or {})
+    params = main.to_generation_params(wire, make_settings())
+    return engine.prepare(main.to_template_messages(wire.messages), params, template)
+
+
+STRICT_WEATHER = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+
+
+@pytest.mark.parametrize(
+    ("parallel", "start"),
+    [
+        (None, 'start: TEXT? (call ("\\n" call)*)?\nTEXT: /(?s:.+)/\n'),
+        (False, "start: TEXT? (call)?\nTEXT: /(?s:.+)/\n"),
+    ],
+)
+def test_strict_with_auto_is_free_text_then_optional_calls(parallel: bool | None, start: str) -> None:
+    wire = main.ChatCompletionRequest.model_validate(
+        {"messages": ASK, "tools": [STRICT_WEATHER, TIME], "parallel_tool_calls": parallel}
+    )
+    constraint = main.to_tool_constraint(wire)
+    assert constraint is not None and constraint.kind == ("auto_tool_calls" if parallel is None else "auto_tool_call")
+    branches = json.loads(constraint.source)["anyOf"]
+    assert branches[0]["properties"]["arguments"] == {**WEATHER["function"]["parameters"]}  # type: ignore[index]
+    assert branches[1]["properties"]["arguments"] == {"type": "object"}  # not strict: any object
+    assert main.tool_call_lark(constraint, json.dumps).startswith(start)
+
+
+def test_strict_with_auto_enforces_a_call_once_the_model_starts_one(
+    engines: dict[str, main.TransformersEngine],
+) -> None:
+    import torch
+
+    engine = engines["Qwen3-4B-Instruct-2507"]
+    loaded = engine.handle.get()
+    tokenizer = loaded.tokenizer
+    wire = main.ChatCompletionRequest.model_validate({"messages": ASK, "tools": [STRICT_WEATHER]})
+    prepared = prepare_request(engine, wire)
+    assert prepared.grammar is not None
+    row = torch.zeros(main.bitmask_words(main.vocab_size(loaded)), dtype=torch.int32)
+
+    def allowed(constraint: main.RowConstraint, token: int) -> bool:
+        constraint.fill(row)
+        return bool((int(row[token // 32]) >> (token % 32)) & 1)
+
+    open_tag = tokenizer.convert_tokens_to_ids("<tool_call>")
+    constraint = prepared.grammar.start()
+    for token in tokenizer.encode("the city is"):  # free text first
+        assert allowed(constraint, token)
+        constraint.advance(token)
+    assert allowed(constraint, tokenizer.eos_token_id) and allowed(constraint, open_tag)
+    for token in [open_tag, *tokenizer.encode('\n{"name": "get_weather", "arguments": {"city": "')]:
+        constraint.advance(token)
+    assert allowed(constraint, tokenizer.encode("paris")[0])
+    assert not allowed(constraint, tokenizer.encode("x")[0])  # only "paris" or "rome" may follow
+
+
+def test_strict_with_auto_is_not_enforced_where_the_model_may_think(
+    engines: dict[str, main.TransformersEngine],
+) -> None:
+    engine = engines["Qwen3-4B-Thinking-2507"]
+    wire = main.ChatCompletionRequest.model_validate({"messages": ASK, "tools": [STRICT_WEATHER]})
+    prepared = prepare_request(engine, wire)
+    assert prepared.grammar is None and prepared.output.reasoning == "open"
+
+
 # ---- live: the openai SDK, LangChain and the Agents SDK on the tiny Qwen3 with the real template -----------------
 
 
