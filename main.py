@@ -871,6 +871,22 @@ def make_delta_chunk(meta: StreamMeta, delta: ChunkDelta, finish_reason: str | N
     )  # fmt: skip
 
 
+class ContentChunks:
+    """The content chunks of one completion, the per-token hot path: the bytes of
+    `make_chunk(meta, text).model_dump_json()` (a test holds them equal over a table of texts), built by joining a
+    prefix and suffix made once with the text's JSON. Deliberate: on 2 CPU cores every microsecond the event loop
+    spends per token is taken from the model's threads (measured: ~17 us to build and dump the model per chunk,
+    against ~2 us for this)."""
+
+    def __init__(self, meta: StreamMeta) -> None:
+        marker = "\u0000marker\u0000"
+        head, _, tail = make_chunk(meta, marker).model_dump_json().partition(json.dumps(marker))
+        self.prefix, self.suffix = head, tail
+
+    def encode(self, text: str) -> str:
+        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
+
+
 def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
@@ -1103,6 +1119,21 @@ def to_tool_constraint(request: ChatCompletionRequest) -> ConstraintSpec | None:
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     body = json.dumps({"x-guidance": GRAMMAR_LAYOUT, **schema}, ensure_ascii=False)
     return ConstraintSpec(body, "tools", kind=kind)  # type: ignore[arg-type]
+
+
+RESERVED_TEMPLATE_KWARGS = {"tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+                            "return_dict", "return_tensors", "chat_template", "padding", "truncation", "max_length",
+                            "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"}  # fmt: skip
+
+
+def to_template_kwargs(request: ChatCompletionRequest) -> dict[str, Any]:
+    """`chat_template_kwargs` as the template's own variables (`enable_thinking`, ...); the names the server sets
+    itself are refused rather than let a request change how the prompt is built."""
+    kwargs = request.chat_template_kwargs or {}
+    for name in kwargs:
+        if name in RESERVED_TEMPLATE_KWARGS:
+            raise BadRequest(f"chat_template_kwargs.{name} is set by the server", param=f"chat_template_kwargs.{name}")
+    return dict(kwargs)
 
 
 def check_tool_messages(messages: list[ChatMessage]) -> None:
@@ -1424,22 +1455,6 @@ class AnswerChunks:
         return make_delta_chunk(self.meta, to_delta(piece)).model_dump_json()
 
 
-class ContentChunks:
-    """The content chunks of one completion, the per-token hot path: the bytes of
-    `make_chunk(meta, text).model_dump_json()` (a test holds them equal over a table of texts), built by joining a
-    prefix and suffix made once with the text's JSON. Deliberate: on 2 CPU cores every microsecond the event loop
-    spends per token is taken from the model's threads (measured: ~17 us to build and dump the model per chunk,
-    against ~2 us for this)."""
-
-    def __init__(self, meta: StreamMeta) -> None:
-        marker = "\u0000marker\u0000"
-        head, _, tail = make_chunk(meta, marker).model_dump_json().partition(json.dumps(marker))
-        self.prefix, self.suffix = head, tail
-
-    def encode(self, text: str) -> str:
-        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
-
-
 # ==== 5. Media ===============================================================================================
 # Fetching and decoding images and videos. Blocking: runs in the worker thread that prepares the prompt.
 
@@ -1602,9 +1617,10 @@ def load_media(ref: MediaRef, settings: Settings) -> Any:
 
 
 # ==== 6. Constraints =========================================================================================
-# Structured outputs: a JSON Schema compiled once (llguidance) into a grammar over the model's tokens. Each
-# constrained row gets its own matcher; before every sampling step it masks out the tokens that cannot continue a
-# valid output, so greedy and sampled rows alike can only write text the schema accepts. The choice of engine
+# Structured outputs and forced tool calls: a JSON Schema (or `<tool_call>` blocks around one) compiled once
+# (llguidance) into a grammar over the model's tokens. Each constrained row gets its own matcher; before every
+# sampling step it masks out the tokens that cannot continue a valid output, so greedy and sampled rows alike can
+# only write text the grammar accepts. The choice of engine
 # (llguidance over xgrammar: no dependencies, 3 MB, Windows wheels; measured in CLAUDE.md) stays in this section.
 
 GRAMMAR_ERROR_MAX_CHARS = 500  # the engine's reason, as much of it as a 400 repeats
@@ -2345,7 +2361,7 @@ class BatchRequest:
     cancel: threading.Event
     decoder: IncrementalDecoder
     generator: Any  # a torch.Generator of its own when sampling: seeds hold whatever else runs
-    constraint: RowConstraint | None = None  # its response_format's matcher, None for free text
+    constraint: RowConstraint | None = None  # its response_format or forced call matcher; None: free text
     out: queue.Queue[object] = field(default_factory=queue.Queue)
     generated: int = 0
     cached: int = 0  # real tokens in the KV cache, so the position of the next one
@@ -3744,7 +3760,7 @@ async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str
     check_tool_messages(request.messages)
     params = to_generation_params(request, state.settings)
     messages = to_template_messages(request.messages)
-    template = TemplateInputs(to_template_tools(request), request.chat_template_kwargs or {})
+    template = TemplateInputs(to_template_tools(request), to_template_kwargs(request))
     await asyncio.to_thread(state.engine.load)  # a cold load never blocks the event loop
     prompt = await asyncio.to_thread(state.engine.prepare, messages, params, template)
     params = fit_to_context(

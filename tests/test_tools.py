@@ -230,6 +230,8 @@ def test_a_template_without_tools_is_400(tiny_model_dir: Path) -> None:
         ({"tool_choice": "required"}, "tool_choice needs tools", "tool_choice"),
         ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
          "messages[1].tool_call_id: 'call_9' answers no earlier tool call", "messages[1].tool_call_id"),
+        ({"chat_template_kwargs": {"enable_thinking": False, "tokenize": False}},
+         "chat_template_kwargs.tokenize is set by the server", "chat_template_kwargs.tokenize"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_400_naming_the_param(request_fields: dict[str, Any], message: str, param: str) -> None:
@@ -237,6 +239,7 @@ def test_bad_tool_requests_are_400_naming_the_param(request_fields: dict[str, An
     with pytest.raises(main.BadRequest) as caught:
         main.check_tool_messages(wire.messages)
         main.to_template_tools(wire)
+        main.to_template_kwargs(wire)
     assert (caught.value.message, caught.value.param) == (message, param)
 
 
