@@ -1254,7 +1254,7 @@ class OutputParser:
         self.calls = 0  # calls started
         self.arguments = ""  # the current call's arguments sent so far
         self.done = False  # parallel_tool_calls false and one call is complete: the rest is dropped
-        self.strip_leading = output.reasoning == "open"  # the whitespace after <think> and after </think> is dropped
+        self.strip_leading = output.reasoning == "open"  # whitespace after <think>, </think> and a call is dropped
 
     def feed(self, text: str) -> list[OutputPiece]:
         self.buffer += text
@@ -1323,9 +1323,8 @@ class OutputParser:
         return self.strip_leading
 
     def _emit_content(self, pieces: list[OutputPiece], text: str) -> None:
-        if self.calls and not text.strip():
-            return  # the whitespace between calls
-        self._emit(pieces, ContentPiece, text.lstrip() if self.calls else text)
+        if not (self.calls and not text.strip()):  # deliberate: the whitespace between calls is dropped
+            self._emit(pieces, ContentPiece, text)
 
     def _header(self, pieces: list[OutputPiece]) -> bool:
         match = CALL_HEADER.match(self.buffer)
@@ -1354,7 +1353,7 @@ class OutputParser:
         if end >= 0:
             self._send_arguments(pieces, self._without_outer_brace(self.buffer[:end]))
             self.state, self.buffer = "content", self.buffer[end + len(TOOL_CALL_CLOSE) :]
-            self.done = not self.output.parallel_tool_calls
+            self.done, self.strip_leading = not self.output.parallel_tool_calls, True
             return True
         brace = self.buffer.rfind("}")  # the call's own closing brace may be the last one: hold it back
         if brace >= 0 and TOOL_CALL_CLOSE.startswith(self.buffer[brace + 1 :].lstrip()):

@@ -64,6 +64,8 @@ CASES = [
     ("two calls", CALLS, TWO, "", "",
      [("get_weather", '{"city": "Paris", "unit": "°C"}'), ("get_time", '{"zone": {"name": "CET"}}')]),
     ("one call allowed", ONE_CALL, TWO, "", "", [("get_weather", '{"city": "Paris", "unit": "°C"}')]),
+    ("text after a call", CALLS, ONE + "\n\nIt is sunny in Paris.", "It is sunny in Paris.", "",
+     [("get_weather", '{"city": "Paris", "unit": "°C"}')]),
     ("not a call", CALLS, "<tool_call>\nnot json\n</tool_call> ok", "<tool_call>\nnot json\n</tool_call> ok", "", []),
     ("a tag-like word", CALLS, "use <tool> or <tool_calls", "use <tool> or <tool_calls", "", []),
     ("tools off", main.OutputFormat(), ONE, ONE, "", []),
