@@ -40,6 +40,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import copy
 import functools
 import hashlib
 import hmac
@@ -73,7 +74,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -431,6 +432,104 @@ class ChatCompletionRequest(WireModel):
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)  # ours: names the session to attach
 
 
+# -- the Responses API's request: flat tools and formats, input items (what clients echo back included) --
+
+
+class InputText(WireModel):
+    type: Literal["input_text", "output_text"]  # output_text: an assistant message echoed back as input
+    text: str
+
+
+class InputImage(WireModel):
+    type: Literal["input_image"]
+    image_url: str
+    detail: str | None = None
+
+
+InputPart = Annotated[InputText | InputImage, Field(discriminator="type")]
+
+
+class MessageItem(WireModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputPart]
+
+
+class FunctionCallItem(WireModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(WireModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputText]
+
+
+class ReasoningInputItem(WireModel):
+    type: Literal["reasoning"]  # an earlier answer's reasoning echoed back: accepted, not shown to the model
+
+
+def _item_type(value: Any) -> str:
+    found = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    return str(found)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningInputItem, Tag("reasoning")],
+    Discriminator(_item_type),
+]  # fmt: skip
+
+
+class FlatFunctionTool(WireModel):
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FlatNamedToolChoice(WireModel):
+    type: Literal["function"]
+    name: str
+
+
+class FlatJsonSchemaFormat(WireModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["json_schema"]
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(WireModel):
+    format: Annotated[TextFormat | JsonObjectFormat | FlatJsonSchemaFormat, Field(discriminator="type")] | None = None
+
+
+class ResponsesRequest(WireModel):
+    model: str | None = None  # informational, as on chat completions
+    input: str | list[InputItem] = Field(min_length=1)
+    instructions: str | None = None  # not carried over to a response that continues this one
+    previous_response_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    tools: list[FlatFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FlatNamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stream: bool | None = None
+    background: bool | None = None
+    store: bool | None = None  # deliberate: every response is kept (for its TTL); nothing is lost either way
+    metadata: dict[str, str] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
 # -- response bodies: typed, so that /openapi.json documents every response; the protocol section builds them --
 
 WireFinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
@@ -645,7 +744,8 @@ def error_response(exc: APIError) -> JSONResponse:
 UNION_BRANCH_LABEL = re.compile(r"[\[\],]|^(str|int|float|bool|none|dict|list)$|^[A-Z][A-Za-z0-9]*$")  # or a class
 
 
-TAGGED_UNION_FIELDS = {"messages[].content[]", "response_format"}  # pydantic puts the branch's tag after these
+TAGGED_UNION_FIELDS = {"messages[].content[]", "response_format", "input[]", "input[].content[]", "text.format"}
+# pydantic puts the branch's tag after these fields
 
 
 def param_parts(location: tuple[int | str, ...]) -> list[int | str]:
@@ -654,15 +754,14 @@ def param_parts(location: tuple[int | str, ...]) -> list[int | str]:
     `response_format.json_schema`, which pydantic reports at `response_format.json_schema.json_schema`)."""
     parts = location[1:] if location and location[0] == "body" else location
     kept: list[int | str] = []
-    shape = ""  # the path so far with indexes as [], to recognise the union fields
+    shape, tag_due = "", False  # the path so far with indexes as []; whether the next name is a union's tag
     for part in parts:
-        if isinstance(part, str) and UNION_BRANCH_LABEL.search(part):
-            continue
-        if isinstance(part, str) and shape in TAGGED_UNION_FIELDS:
-            shape += "<tag>"  # only the first name after the field is the tag
+        if isinstance(part, str) and (UNION_BRANCH_LABEL.search(part) or tag_due):
+            tag_due = tag_due and bool(UNION_BRANCH_LABEL.search(part))
             continue
         kept.append(part)
         shape += "[]" if isinstance(part, int) else (f".{part}" if shape else part)
+        tag_due = shape in TAGGED_UNION_FIELDS
     return kept
 
 
@@ -738,6 +837,10 @@ class StreamMeta:
     created: int
     model: str
     include_usage: bool
+    protocol: Literal["chat", "responses"] = "chat"  # whose events the session holds
+    response_json: str = ""  # responses: the response object as created (JSON), its status and output empty
+    conversation_json: str = ""  # responses: the chat messages it was asked (JSON), for previous_response_id
+    background: bool = False  # responses: runs to its end even if every reader leaves (no disconnect cancel)
 
 
 def format_event_id(session_id: str, index: int) -> str:
@@ -837,18 +940,19 @@ def interrupted_tail() -> list[str]:
     return [json.dumps(make_interrupted_error()), DONE]
 
 
-def make_sse_event(data: str, event_id: str | None = None) -> ServerSentEvent:
-    """One SSE event, framed by sse-starlette: `id:` line, one `data:` line per line of data, blank line."""
-    return ServerSentEvent(data, id=event_id, sep=SSE_LINE_END)
+def make_sse_event(data: str, event_id: str | None = None, event: str | None = None) -> ServerSentEvent:
+    """One SSE event, framed by sse-starlette: `id:` line, `event:` line (Responses streams), one `data:` line per
+    line of data, blank line."""
+    return ServerSentEvent(data, id=event_id, event=event, sep=SSE_LINE_END)
 
 
 def make_keepalive() -> ServerSentEvent:
     return ServerSentEvent(comment=KEEPALIVE_TEXT, sep=SSE_LINE_END)
 
 
-def encode_sse(data: str, event_id: str | None = None) -> bytes:
+def encode_sse(data: str, event_id: str | None = None, event: str | None = None) -> bytes:
     """The exact bytes of one event on the wire."""
-    return make_sse_event(data, event_id).encode()
+    return make_sse_event(data, event_id, event).encode()
 
 
 def to_wire_finish_reason(reason: str) -> WireFinishReason:
@@ -1422,8 +1526,9 @@ def to_delta(piece: OutputPiece) -> ChunkDelta:
 
 
 class AnswerChunks:
-    """Text deltas -> chunk payloads. Free text takes `ContentChunks`' fast path; with tools or reasoning the text
-    goes through an `OutputParser` first (nothing is parsed for a request that has neither)."""
+    """Chat completions' renderer: the role chunk, then text deltas -> chunk payloads, then the finish (and usage)
+    chunks. Free text takes `ContentChunks`' fast path; with tools or reasoning the text goes through an
+    `OutputParser` first (nothing is parsed for a request that has neither)."""
 
     def __init__(self, meta: StreamMeta, output: OutputFormat) -> None:
         self.meta, self.content = meta, ContentChunks(meta)
@@ -1452,6 +1557,306 @@ class AnswerChunks:
         if isinstance(piece, ContentPiece):
             return self.content.encode(piece.text)
         return make_delta_chunk(self.meta, to_delta(piece)).model_dump_json()
+
+    def start(self) -> list[str]:
+        return [make_chunk(self.meta, "", role=True).model_dump_json()]
+
+    def finish(self, finished: Finished, prompt_tokens: int) -> list[str]:
+        events = [make_chunk(self.meta, finish_reason=finished.finish_reason).model_dump_json()]
+        if self.meta.include_usage:
+            usage = make_usage(prompt_tokens, finished.completion_tokens)
+            events.append(make_usage_chunk(self.meta, usage).model_dump_json())
+        return events
+
+    def failure(self, error: dict[str, Any]) -> list[str]:
+        return [json.dumps(error)]
+
+
+# -- the Responses API: requests as chat requests, engine output as Responses events, events back as objects --
+
+RESPONSE_TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+EVENT_TYPE_AT = len('{"type":"')  # every Responses event's JSON starts with its type
+
+
+def to_chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """Input items as chat messages (what the chat path validates and templates): function calls become an
+    assistant's tool_calls, their outputs tool messages, echoed output text an assistant message."""
+    if isinstance(request.input, str):
+        return [{"role": "user", "content": request.input}]
+    messages: list[dict[str, Any]] = []
+    for item in request.input:
+        if isinstance(item, MessageItem):
+            messages.append({"role": item.role, "content": to_chat_content(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
+                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant message
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+    return messages
+
+
+def to_chat_content(content: str | list[InputText | InputImage]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    return [{"type": "text", "text": part.text} if isinstance(part, InputText)
+            else {"type": "image_url", "image_url": {"url": part.image_url}} for part in content]  # fmt: skip
+
+
+def to_chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request a Responses request means: `instructions` as the system message (never carried over),
+    the conversation so far (`previous_response_id`), then the input; tools, tool_choice and `text.format`
+    unflattened. Validated as any chat request, so the same 400s apply."""
+    system = [{"role": "system", "content": request.instructions}] if request.instructions else []
+    body: dict[str, Any] = {"messages": system + history + to_chat_messages(request)}
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                         for tool in request.tools]  # fmt: skip
+    if isinstance(request.tool_choice, FlatNamedToolChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
+    elif request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice
+    text_format = request.text.format if request.text is not None else None
+    if isinstance(text_format, FlatJsonSchemaFormat):
+        spec = text_format.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
+    elif text_format is not None:
+        body["response_format"] = {"type": text_format.type}
+    fields = {"parallel_tool_calls": request.parallel_tool_calls, "temperature": request.temperature,
+              "top_p": request.top_p, "max_completion_tokens": request.max_output_tokens,
+              "chat_template_kwargs": request.chat_template_kwargs}  # fmt: skip
+    body.update({key: value for key, value in fields.items() if value is not None})
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise describe_validation_error(exc.errors()) from exc
+
+
+def to_chat_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's output items as the chat messages they answered with: text, then the calls it made."""
+    text = "".join(part.get("text", "") for item in output if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]  # fmt: skip
+    if not text and not calls:
+        return []
+    return [{"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}]
+
+
+def make_response_object(response_id: str, created: int, model: str, request: ResponsesRequest) -> dict[str, Any]:
+    """The response object as created: what the request asked, no output yet."""
+    text_format = request.text.format if request.text is not None and request.text.format is not None else None
+    shown_format = text_format.model_dump(exclude_none=True, by_alias=True) if text_format else {"type": "text"}
+    tools = [
+        {"strict": False, "parameters": None, **tool.model_dump(exclude_none=True)} for tool in request.tools or []
+    ]
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": "queued",
+        "background": bool(request.background), "error": None, "incomplete_details": None,
+        "instructions": request.instructions, "max_output_tokens": request.max_output_tokens, "model": model,
+        "output": [], "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "previous_response_id": request.previous_response_id, "store": request.store is not False,
+        "temperature": request.temperature, "top_p": request.top_p,
+        "text": {"format": shown_format},
+        "tool_choice": request.tool_choice.model_dump() if isinstance(request.tool_choice, BaseModel)
+                       else request.tool_choice or "auto",
+        "tools": tools,
+        "metadata": request.metadata or {},
+    }  # fmt: skip
+
+
+def make_response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+class ResponsesEvents:
+    """Engine text -> the Responses API's events, in its order: created, in_progress, then per output item
+    added / deltas / done (a message with one output_text part, a function call, a reasoning item), then the
+    terminal event with the whole response. `sequence_number` counts from 0 in the order they are made, which is
+    the order the runner appends them, so it equals the session index (and `id: <response_id>:<n>`)."""
+
+    def __init__(self, response: dict[str, Any], output: OutputFormat) -> None:
+        self.response = response
+        self.parser = OutputParser(output)
+        self.sequence = 0
+        self.items: list[dict[str, Any]] = []  # the output so far; the last may be open
+        self.open: str | None = None  # the type of the open item: "message", "function_call", "reasoning"
+
+    @property
+    def calls(self) -> int:
+        return self.parser.calls
+
+    @property
+    def complete(self) -> bool:
+        return self.parser.done
+
+    def _event(self, type_: str, **fields: Any) -> str:
+        event = json.dumps(
+            {"type": type_, "sequence_number": self.sequence, **fields}, ensure_ascii=False, separators=(",", ":")
+        )  # compact, as the chat chunks; `type` first (EVENT_TYPE_AT)
+        self.sequence += 1
+        return event
+
+    def start(self) -> list[str]:
+        self.response = {**self.response, "status": "in_progress"}
+        return [self._event("response.created", response=self.response),
+                self._event("response.in_progress", response=self.response)]  # fmt: skip
+
+    def encode(self, text: str) -> list[str]:
+        return [event for piece in self.parser.feed(text) for event in self._piece(piece)] if text else []
+
+    def flush(self) -> list[str]:
+        return [event for piece in self.parser.flush() for event in self._piece(piece)]
+
+    def _piece(self, piece: OutputPiece) -> list[str]:
+        index = len(self.items) - 1
+        if isinstance(piece, ToolCallArguments):
+            self.items[index]["arguments"] += piece.text
+            return [self._event("response.function_call_arguments.delta", item_id=self.items[index]["id"],
+                                output_index=index, delta=piece.text)]  # fmt: skip
+        kind = {ContentPiece: "message", ReasoningPiece: "reasoning", ToolCallStart: "function_call"}[type(piece)]
+        events = [] if self.open == kind and kind != "function_call" else self._close() + self._add(kind, piece)
+        index = len(self.items) - 1
+        item = self.items[index]
+        if isinstance(piece, ContentPiece):
+            item["content"][0]["text"] += piece.text
+            events.append(self._event("response.output_text.delta", item_id=item["id"], output_index=index,
+                                      content_index=0, delta=piece.text, logprobs=[]))  # fmt: skip
+        elif isinstance(piece, ReasoningPiece):
+            item["content"][0]["text"] += piece.text
+            events.append(self._event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                                      content_index=0, delta=piece.text))  # fmt: skip
+        return events
+
+    def _add(self, kind: str, piece: OutputPiece) -> list[str]:
+        index = len(self.items)
+        item: dict[str, Any]
+        if isinstance(piece, ToolCallStart):
+            item = {"id": f"fc_{piece.call_id.removeprefix('call_')}", "type": "function_call",
+                    "status": "in_progress", "call_id": piece.call_id, "name": piece.name, "arguments": ""}  # fmt: skip
+        elif kind == "reasoning":
+            item = {"id": f"rs_{secrets.token_hex(12)}", "type": "reasoning", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": ""}]}  # fmt: skip
+        else:
+            item = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}  # fmt: skip
+        self.items.append(item)
+        self.open = kind
+        shown = {**item, "content": []} if "content" in item else dict(item)
+        events = [self._event("response.output_item.added", output_index=index, item=shown)]
+        if kind == "message":
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item["content"].append(dict(part))
+            events.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                                      content_index=0, part=part))  # fmt: skip
+        return events
+
+    def _close(self) -> list[str]:
+        if self.open is None:
+            return []
+        index, item, kind = len(self.items) - 1, self.items[-1], self.open
+        self.open = None
+        events = []
+        if kind == "message":
+            part = item["content"][0]
+            events.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                      content_index=0, text=part["text"], logprobs=[]))  # fmt: skip
+            events.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                      content_index=0, part=part))  # fmt: skip
+        elif kind == "reasoning":
+            events.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                      content_index=0, text=item["content"][0]["text"]))  # fmt: skip
+        else:
+            events.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                      output_index=index, name=item["name"], arguments=item["arguments"]))  # fmt: skip
+        if "status" in item:
+            item["status"] = "completed"
+        events.append(self._event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    def finish(self, finished: Finished, prompt_tokens: int) -> list[str]:
+        """The open item's done events, then the terminal event: completed; incomplete at max_output_tokens;
+        a cancel ends `cancelled` (the API has no event of its own for it: `response.incomplete` carries it)."""
+        events = self._close()
+        usage = make_response_usage(prompt_tokens, finished.completion_tokens)
+        done = {**self.response, "output": self.items, "usage": usage}
+        if finished.finish_reason == "length":
+            done |= {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+            return [*events, self._event("response.incomplete", response=done)]
+        if finished.finish_reason == "cancelled":
+            return [*events, self._event("response.incomplete", response=done | {"status": "cancelled"})]
+        done |= {"status": "completed", "completed_at": int(time.time())}
+        return [*events, self._event("response.completed", response=done)]
+
+    def failure(self, error: dict[str, Any]) -> list[str]:
+        detail = error["error"]
+        failed = {**self.response, "output": self.items, "status": "failed",
+                  "error": {"code": detail.get("code") or "server_error", "message": detail["message"]}}  # fmt: skip
+        return [self._event("response.failed", response=failed)]
+
+
+Renderer = AnswerChunks | ResponsesEvents
+
+
+def make_renderer(meta: StreamMeta, output: OutputFormat) -> Renderer:
+    """The session's protocol decides how engine output is written: chat chunks or Responses events."""
+    if meta.protocol == "responses":
+        return ResponsesEvents(json.loads(meta.response_json), output)
+    return AnswerChunks(meta, output)
+
+
+def to_responses_sse(data: str, index: int) -> tuple[str, str] | None:
+    """A session event as the Responses stream sends it, (event type, JSON); None for the session's end marker
+    (the stream ends at its terminal event, without [DONE]). The session's own error events (an interrupted
+    generation, a lost journal tail: chat-shaped) become the API's `error` event."""
+    if data == DONE:
+        return None
+    if data.startswith('{"error"'):
+        error = json.loads(data)["error"]
+        event = {"type": "error", "code": error.get("code") or error.get("type"), "message": error["message"],
+                 "param": error.get("param"), "sequence_number": index}  # fmt: skip
+        return "error", json.dumps(event)
+    return data[EVENT_TYPE_AT : data.index('"', EVENT_TYPE_AT)], data
+
+
+def fold_response(response: dict[str, Any], event_data: list[str]) -> dict[str, Any]:
+    """The response object now, from its events: the terminal event's, or the one created with the items so far
+    (those done, and the open one as written), status in_progress; an error event makes it failed."""
+    items: dict[int, dict[str, Any]] = {}
+    for data in event_data:
+        if data == DONE:
+            break
+        event = json.loads(data)
+        kind = event.get("type")
+        if kind in RESPONSE_TERMINAL_EVENTS:
+            return dict(event["response"])
+        if kind in ("response.created", "response.in_progress"):
+            response = event["response"]
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            items[event["output_index"]] = copy.deepcopy(event["item"])
+        elif kind == "response.content_part.added":
+            items[event["output_index"]].setdefault("content", []).append(dict(event["part"]))
+        elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+            item = items[event["output_index"]]
+            if not item.get("content"):
+                item["content"] = [{"type": "reasoning_text", "text": ""}]
+            item["content"][event["content_index"]]["text"] += event["delta"]
+        elif kind == "response.function_call_arguments.delta":
+            items[event["output_index"]]["arguments"] += event["delta"]
+        elif "error" in event:
+            error = event["error"]
+            return {**response, "output": [items[i] for i in sorted(items)], "status": "failed",
+                    "error": {"code": error.get("code") or "server_error", "message": error["message"]}}  # fmt: skip
+    return {**response, "output": [items[i] for i in sorted(items)]}
 
 
 # ==== 5. Media ===============================================================================================
@@ -3202,6 +3607,11 @@ class SqliteJournal:
             conn.execute("COMMIT")
         return len(ids)
 
+    def delete_session(self, session_id: str) -> None:
+        """Forgets one session, events and all (in the writer's order: after anything it still has to write)."""
+        self._put("DELETE FROM events WHERE session_id = ?", (session_id,))
+        self._put("DELETE FROM sessions WHERE id = ?", (session_id,))
+
     def count_sessions(self) -> int:
         with self._read_lock:
             return int(self._reader.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
@@ -3370,6 +3780,12 @@ class SessionStore:
             raise NotFound(f"no session {session_id!r}", param="session_id")
         return session
 
+    async def delete(self, session: Session) -> None:
+        """Forgets an ended session, in memory and in the journal."""
+        self.sessions.pop(session.key, None)
+        if self.journal is not None and self.journal.error is None:
+            self.journal.delete_session(session.key)
+
     def evict(self, now: float | None = None, room: int = 0) -> None:
         """Drops expired ended sessions, then the oldest ended ones until `room` more fit under the cap."""
         now = time.time() if now is None else now
@@ -3527,12 +3943,11 @@ def limit_runtime(session: Session, max_seconds: float) -> asyncio.TimerHandle |
 
 async def generate_into(
     session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
-    metrics: Metrics, max_seconds: float,
+    metrics: Metrics, max_seconds: float, chunks: Renderer,
 ) -> Finished:  # fmt: skip
     """Waits for a slot, then appends content chunks (or, for tools and reasoning, what `OutputParser` makes of the
     text); returns how it finished. Stop strings end it early; so does the first call without parallel calls."""
-    meta, stop, clock = session.meta, StopMatcher(params.stop), DeltaClock(metrics)
-    chunks = AnswerChunks(meta, prompt.output)
+    stop, clock = StopMatcher(params.stop), DeltaClock(metrics)
     finished = Finished("cancelled", 0)
     async with gate.slot(session.cancelled) as acquired:
         if not acquired:
@@ -3570,15 +3985,15 @@ async def run_generation(
     session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
     metrics: Metrics, max_seconds: float,
 ) -> None:  # fmt: skip
-    """Drives one generation into one session: role chunk, content deltas, finish, usage, [DONE]."""
-    meta, started = session.meta, time.perf_counter()
-    session.append(make_chunk(meta, "", role=True).model_dump_json())
+    """Drives one generation into one session, through its protocol's renderer: (chat) role chunk, content
+    deltas, finish, usage, or (Responses) created ... completed; then [DONE], the session's end marker."""
+    started, renderer = time.perf_counter(), make_renderer(session.meta, prompt.output)
+    for event in renderer.start():
+        session.append(event)
     try:
-        finished = await generate_into(session, engine, prompt, params, gate, metrics, max_seconds)
-        session.append(make_chunk(meta, finish_reason=finished.finish_reason).model_dump_json())
-        if meta.include_usage:
-            usage = make_usage(prompt.prompt_tokens, finished.completion_tokens)
-            session.append(make_usage_chunk(meta, usage).model_dump_json())
+        finished = await generate_into(session, engine, prompt, params, gate, metrics, max_seconds, renderer)
+        for event in renderer.finish(finished, prompt.prompt_tokens):
+            session.append(event)
         cancelled = finished.finish_reason == "cancelled"
         final_state = SessionState.CANCELLED if cancelled else SessionState.FINISHED
         log.info(
@@ -3591,7 +4006,8 @@ async def run_generation(
         )
     except Exception as exc:
         log.exception("session %s failed", session.id)
-        session.append(json.dumps(to_error_event(exc)))
+        for event in renderer.failure(to_error_event(exc)):
+            session.append(event)
         final_state = SessionState.FAILED
     session.finish(final_state)
 
@@ -3611,8 +4027,8 @@ class DisconnectWatch:
 
     def detach(self, session: Session) -> None:
         session.readers -= 1
-        if session.readers > 0 or session.ended or self.grace_seconds <= 0:
-            return
+        if session.readers > 0 or session.ended or self.grace_seconds <= 0 or session.meta.background:
+            return  # deliberate: a background response runs whether or not anyone reads
         session.cancel_grace_timer()
         session.grace_timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._expire, session)
 
@@ -3686,17 +4102,51 @@ async def sse_body(
     """The events of one SSE response. `on_shutdown` waits for the server to begin shutting down and then ends
     the unfinished sessions, so this reader sends their last events before its connection goes."""
     shutdown_watch = asyncio.ensure_future(on_shutdown())
+    encode = encode_for(session)
+    next_index = after_index + 1
     try:
         async for event in read_session(session, after_index, READ_WAIT_SECONDS, watch, cursor):
-            yield encode_sse(event.data, format_event_id(session.id, event.index))
+            next_index = event.index + 1
+            if chunk := encode(event.data, event.index, True):
+                yield chunk
         if session.lost_from is not None:
             for data in events_lost_tail(session.lost_from):
-                yield encode_sse(data)  # no id: not an index of this session's
+                if chunk := encode(data, session.lost_from, False):  # no id: not an index of this session's
+                    yield chunk
     except APIError as exc:  # headers are sent: the error becomes the stream's last events
-        yield encode_sse(json.dumps(exc.body()))
-        yield encode_sse(DONE)
+        for data in (json.dumps(exc.body()), DONE):
+            if chunk := encode(data, next_index, False):
+                yield chunk
     finally:
         shutdown_watch.cancel()
+
+
+def encode_for(session: Session) -> Callable[[str, int, bool], bytes]:
+    """How this session's events go on the wire: chat chunks as they are (then [DONE]); Responses events with
+    their `event:` line, the session's own error events as the API's `error` event, and no [DONE]."""
+
+    def chat(data: str, index: int, with_id: bool) -> bytes:
+        return encode_sse(data, format_event_id(session.id, index) if with_id else None)
+
+    def responses(data: str, index: int, with_id: bool) -> bytes:
+        translated = to_responses_sse(data, index)
+        if translated is None:
+            return b""
+        event_id = format_event_id(session.id, index) if with_id else None
+        return encode_sse(translated[1], event_id, translated[0])
+
+    return responses if session.meta.protocol == "responses" else chat
+
+
+async def collect_response(session: Session, watch: DisconnectWatch) -> dict[str, Any]:
+    events = read_session(session, -1, READ_WAIT_SECONDS, watch, ReadCursor())  # holds from 0 before any await
+    return fold_response(json.loads(session.meta.response_json), [event.data async for event in events])
+
+
+async def current_response(session: Session) -> dict[str, Any]:
+    """The response object as it stands (GET, a background POST): its events so far, folded."""
+    events = [event.data for event in await read_events(session, 0)]
+    return fold_response(json.loads(session.meta.response_json), events)
 
 
 async def collect_completion(session: Session, watch: DisconnectWatch) -> ChatCompletion:
@@ -3755,6 +4205,17 @@ async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str
     """Validates, loads, templates and admits one request, then starts its runner. Raises APIError."""
     if request.session_id and (existing := await state.store.find(request.session_id, owner)):
         return existing  # an SDK retry of a named session attaches to it: never generate twice
+    params, prompt = await prepare_chat(state, request)
+    if request.session_id and (existing := state.store.peek(request.session_id, owner)):
+        return existing  # created by a concurrent request while we prepared (no await from here to create)
+    state.gate.admit()
+    include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
+    meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
+    return launch(state, meta, request.session_id, request.model_dump_json(), owner, prompt, params)
+
+
+async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple[GenerationParams, PreparedPrompt]:
+    """Checks a chat request and builds its prompt (model load and templating in worker threads)."""
     check_message_count(request, state.settings.max_messages)
     check_tool_messages(request.messages)
     params = to_generation_params(request, state.settings)
@@ -3765,16 +4226,59 @@ async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str
     params = fit_to_context(
         params, prompt.prompt_tokens, state.engine.context_length(), state.settings.max_prompt_tokens
     )
-    if request.session_id and (existing := state.store.peek(request.session_id, owner)):
-        return existing  # created by a concurrent request while we prepared (no await from here to create)
-    state.gate.admit()
-    include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
-    meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
-    session = state.store.create(meta, request.session_id, request.model_dump_json(), owner)
-    log.info("session %s started: %d prompt tokens, stream=%s", session.id, prompt.prompt_tokens, request.stream)
+    return params, prompt
+
+
+def launch(state: AppState, meta: StreamMeta, session_id: str | None, request_json: str, owner: str,
+           prompt: PreparedPrompt, params: GenerationParams) -> Session:  # fmt: skip
+    """Creates the session (admitted already) and starts its runner: it runs whether or not anyone reads."""
+    session = state.store.create(meta, session_id, request_json, owner)
+    log.info("session %s started: %d prompt tokens (%s)", session.id, prompt.prompt_tokens, meta.protocol)
     max_seconds = state.settings.max_generation_seconds
     state.spawn(run_generation(session, state.engine, prompt, params, state.gate, state.metrics, max_seconds))
     return session
+
+
+async def start_response(state: AppState, request: ResponsesRequest, owner: str) -> Session:
+    """A Responses request runs as the chat request it means (`to_chat_request`), in a session whose events are
+    Responses events; it records the conversation, so that a later `previous_response_id` continues it."""
+    history: list[dict[str, Any]] = []
+    if request.previous_response_id is not None:
+        previous = await find_response(state, request.previous_response_id, owner, "previous_response_id")
+        history = await continued_conversation(previous)
+    chat = to_chat_request(request, history)
+    params, prompt = await prepare_chat(state, chat)
+    state.gate.admit()
+    response_id, created, model = f"resp_{secrets.token_hex(16)}", int(time.time()), state.engine.model_name
+    response = make_response_object(response_id, created, model, request)
+    asked = history + to_chat_messages(request)  # deliberate: without `instructions`, which are not carried over
+    meta = StreamMeta(response_id, created, model, True, "responses", json.dumps(response), json.dumps(asked),
+                      background=bool(request.background))  # fmt: skip
+    return launch(state, meta, response_id, request.model_dump_json(by_alias=True), owner, prompt, params)
+
+
+async def find_response(state: AppState, response_id: str, owner: str, param: str = "response_id") -> Session:
+    session = await state.store.find(response_id, owner)
+    if session is None or session.meta.protocol != "responses":
+        raise NotFound(f"no response {response_id!r}", param=param)
+    return session
+
+
+async def continued_conversation(previous: Session) -> list[dict[str, Any]]:
+    """What a response that continues `previous` starts from: the messages it was asked (without its
+    instructions) and what it answered."""
+    events = [event.data for event in await read_events(previous, 0)]
+    response = fold_response(json.loads(previous.meta.response_json), events)
+    asked: list[dict[str, Any]] = json.loads(previous.meta.conversation_json)
+    return asked + to_chat_history(response["output"])
+
+
+def response_json(response: dict[str, Any], session: Session) -> Response:
+    return JSONResponse(response, headers={"X-Session-Id": session.id})
+
+
+async def parse_responses_request(request: Request, max_bytes: int) -> ResponsesRequest:
+    return ResponsesRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -3972,6 +4476,20 @@ def sse_content(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"text/event-stream": {"schema": schema}}}
 
 
+def responses_responses() -> dict[int | str, dict[str, Any]]:
+    """The Responses routes: a response object (JSON), or its events (SSE, `event:` + `id:` lines)."""
+    events = {
+        "type": "object",
+        "description": "SSE: `event: <type>`, `id: <response_id>:<sequence_number>`, "
+        "`data: <ResponseStreamEvent>`; no [DONE]",
+    }
+    body = {
+        "application/json": {"schema": {"type": "object", "description": "A Response object"}},
+        "text/event-stream": {"schema": events},
+    }
+    return {200: {"description": "The response, or its events", "content": body}, **ERROR_RESPONSES}  # fmt: skip
+
+
 def stream_responses() -> dict[int | str, dict[str, Any]]:
     return {200: sse_content("SSE: `id: <session_id>:<index>`, `data: <ChatCompletionChunk>`, then `data: [DONE]`"),
             410: {"model": ErrorBody, "description": "The events asked for are no longer held"},
@@ -4104,6 +4622,50 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return Response(
             completion.model_dump_json(), media_type="application/json", headers={"X-Session-Id": session.id}
         )
+
+    @app.post("/v1/responses", response_model=None, responses=responses_responses())
+    async def create_response(request: Request, owner: Owner) -> Response:
+        body = await parse_responses_request(request, settings.max_request_bytes)
+        session = await start_response(state, body, owner)
+        if body.stream:
+            return sse_response(state, session, -1)
+        if body.background:  # answered at once; the generation goes on
+            return response_json(json.loads(session.meta.response_json), session)
+        return response_json(await collect_response(session, state.watch), session)
+
+    @app.get("/v1/responses/{response_id}", response_model=None, responses=responses_responses())
+    async def retrieve_response(
+        response_id: str, request: Request, owner: Owner, stream: bool = False, starting_after: int | None = None
+    ) -> Response:
+        """The response now; with `stream=true` its events from the start (the SDK's stream helper filters them
+        itself and needs `response.created` first), or after `starting_after`, then the live tail."""
+        session = await find_response(state, response_id, owner)
+        resume = parse_resume_point(request.headers.get("last-event-id"), None)
+        if stream or resume is not None:
+            after = resume[1] if resume is not None and resume[0] == session.id else starting_after
+            if after is not None:
+                metrics.resumes.inc()
+            return sse_response(state, session, -1 if after is None else after)
+        return response_json(await current_response(session), session)
+
+    @app.post("/v1/responses/{response_id}/cancel", response_model=None, responses=responses_responses())
+    async def cancel_response(response_id: str, owner: Owner) -> Response:
+        session = await find_response(state, response_id, owner)
+        if not session.meta.background:
+            raise BadRequest("only background responses can be cancelled", param="response_id")
+        if not session.ended:  # deliberate: cancelling again returns the final object, as the API documents
+            session.request_cancel()
+            await wait_until_ended(session)
+        return response_json(await current_response(session), session)
+
+    @app.delete("/v1/responses/{response_id}", response_model=None, responses=responses_responses())
+    async def delete_response(response_id: str, owner: Owner) -> Response:
+        session = await find_response(state, response_id, owner)
+        if not session.ended:
+            session.request_cancel()
+            await wait_until_ended(session)
+        await state.store.delete(session)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     @app.get("/v1/sessions/{session_id}/events", response_model=None, responses=stream_responses())
     async def session_events(

@@ -39,7 +39,10 @@ SUBJECTS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a
             "two rivals climbing a mountain", "a city where it never stops raining", "a map found in a library",
             "the last train of the night", "a garden on the moon"]  # fmt: skip
 STORY_SCHEMA = {"type": "object", "required": ["title", "story"], "additionalProperties": False,
-                "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string"}}}  # fmt: skip
+                "properties": {"title": {"type": "string", "maxLength": 60},
+                               "story": {"type": "string", "minLength": 4000}}}  # fmt: skip
+# deliberate: the story cannot end before max_tokens, so constrained streams run as long as the free ones they are
+# compared with (one that ended early would leave the others a smaller, slower batch: a ratio of workloads)
 STORY_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}}
 STORY_TOOL = {"type": "function", "function": {"name": "write_story", "description": "Publishes a story",
                                                "parameters": STORY_SCHEMA}}  # fmt: skip
@@ -218,8 +221,8 @@ def measure_grammar(model_dir: Path, rows: int) -> GrammarFigures:
     started = time.perf_counter()
     compiler.compile(spec)
     cached = time.perf_counter() - started
-    output = {"title": "The Lighthouse", "story": " ".join(prompt_for(i)[0]["content"] for i in range(8))}
-    tokens = tokenizer.encode(json.dumps(output, separators=(", ", ": ")))
+    story = " ".join(prompt_for(i)[0]["content"] for i in range(8))
+    tokens = tokenizer.encode('{"title": "The Lighthouse", "story": "' + story)  # the story goes on (minLength)
     constraints = [grammar.start() for _ in range(rows)]
     bitmask = torch.zeros((rows, main.bitmask_words(vocab)), dtype=torch.int32)
     logits = torch.zeros((rows, vocab))
@@ -379,6 +382,58 @@ def stream_chat(url: str, body: dict[str, Any], on_event: Callable[[StreamResult
                 break
     result.end = time.perf_counter()
     return result
+
+
+def stream_response(url: str, i: int, new_tokens: int) -> StreamResult:
+    """One streamed request through /v1/responses (the same prompt as `chat_body`)."""
+    body = {"input": prompt_for(i), "max_output_tokens": new_tokens, "temperature": 0, "stream": True}
+    result = StreamResult(sent=time.perf_counter())
+    with http().stream("POST", url + "/v1/responses", json=body) as response:
+        response.raise_for_status()
+        result.session_id = response.headers.get("x-session-id")
+        for event_id, data in iter_sse_lines(response):
+            result.last_event_id = event_id
+            payload = json.loads(data)
+            if payload["type"] == "response.output_text.delta":
+                result.content_events += 1
+                result.first_content = result.first_content or time.perf_counter()
+            elif payload["type"] in ("response.completed", "response.incomplete", "response.failed"):
+                result.completion_tokens = (payload["response"].get("usage") or {}).get("output_tokens")
+                break
+    result.end = time.perf_counter()
+    return result
+
+
+def measure_responses(url: str, n: int, new_tokens: int, runs: int) -> tuple[float, float]:
+    """(decode tok/s of one stream, aggregate tok/s of `n` at once) through /v1/responses, medians."""
+    stream_response(url, 0, new_tokens)
+    single = statistics.median(stream_response(url, 0, new_tokens).decode_tok_s for _ in range(runs))
+    aggregates = []
+    for _ in range(runs + 1):  # the first is a warm-up
+        barrier, results = threading.Barrier(n), [StreamResult(0.0)] * n
+
+        def one(k: int, barrier: threading.Barrier = barrier, results: list[StreamResult] = results) -> None:
+            barrier.wait()
+            results[k] = stream_response(url, k, new_tokens)
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(REQUEST_TIMEOUT_SECONDS)
+        span = max(r.end for r in results) - min(r.sent for r in results)
+        aggregates.append(sum(r.tokens for r in results) / span)
+    return single, statistics.median(aggregates[1:])
+
+
+def time_to_first_response_event(url: str, response_id: str, after: int) -> float:
+    started = time.perf_counter()
+    with http().stream(
+        "GET", f"{url}/v1/responses/{response_id}", params={"stream": "true", "starting_after": after}
+    ) as response:
+        response.raise_for_status()
+        next(iter_sse_lines(response))
+        return time.perf_counter() - started
 
 
 def chat_body(i: int, new_tokens: int, model: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -547,6 +602,17 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
         report.add(f"json_schema aggregate tok/s, {top} concurrent", f"{constrained.aggregate_tok_s:.1f}",
                    f"{ratio(constrained.aggregate_tok_s, top_figures.aggregate_tok_s)} of {top} free streams "
                    "(goal >= 0.85)")  # fmt: skip
+        responses_single, responses_top = measure_responses(ours.url, top, args.new_tokens, args.runs)
+        report.add("/v1/responses decode tok/s, 1 stream", f"{responses_single:.1f}",
+                   f"{ratio(responses_single, single_tok_s)} of chat completions (goal: within 5%)")  # fmt: skip
+        chat_top = top_figures.aggregate_tok_s
+        report.add(f"/v1/responses aggregate tok/s, {top} concurrent", f"{responses_top:.1f}",
+                   f"{ratio(responses_top, chat_top)} of chat completions (goal: within 5%)")  # fmt: skip
+        answered = stream_response(ours.url, 2, 16)
+        assert answered.session_id is not None
+        replay = statistics.median(time_to_first_response_event(ours.url, answered.session_id, 3)
+                                   for _ in range(args.runs))  # fmt: skip
+        report.add("resume latency through starting_after", f"{replay * 1000:.1f} ms", "to the first replayed event")
         joining = measure_joining(ours.url, top - 1, args.new_tokens, args.runs)
         streams = f"{top - 1} decoding stream{'s' if top > 2 else ''}"
         report.add(f"server TTFT, joining {streams}", f"{joining * 1000:.0f} ms", f"{ratio(joining, ttft)} of 1 stream")
@@ -572,10 +638,12 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     tools_dir = with_tool_template(model_dir)
     tooled = start_ours(tools_dir, args.dtype, args.device, top, "tools")
     try:
-        free = measure_concurrency(tooled.url, top, args.new_tokens, args.runs)
+        # the free streams get the same tools in their prompt (tool_choice auto): the same prefill, unforced
+        free = measure_concurrency(tooled.url, top, args.new_tokens, args.runs, extra={**TOOL_FORMAT,
+                                                                                    "tool_choice": "auto"})  # fmt: skip
         forced = measure_concurrency(tooled.url, top, args.new_tokens, args.runs, extra=TOOL_FORMAT)
         report.add(f"forced tool call aggregate tok/s, {top} concurrent", f"{forced.aggregate_tok_s:.1f}",
-                   f"{ratio(forced.aggregate_tok_s, free.aggregate_tok_s)} of {top} free streams "
+                   f"{ratio(forced.aggregate_tok_s, free.aggregate_tok_s)} of {top} free streams with the same tools "
                    f"({free.aggregate_tok_s:.1f}), same server (Qwen3 template)")  # fmt: skip
     finally:
         tooled.stop()
