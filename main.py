@@ -840,6 +840,7 @@ class StreamMeta:
     protocol: Literal["chat", "responses"] = "chat"  # whose events the session holds
     response_json: str = ""  # responses: the response object as created (JSON), its status and output empty
     conversation_json: str = ""  # responses: the chat messages it was asked (JSON), for previous_response_id
+    input_json: str = ""  # responses: its input items, as GET .../input_items lists them (JSON)
     background: bool = False  # responses: runs to its end even if every reader leaves (no disconnect cancel)
 
 
@@ -1639,6 +1640,23 @@ def to_chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) ->
         raise describe_validation_error(exc.errors()) from exc
 
 
+def to_input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """A request's input as the API lists it back: items with ids, a string as one user message."""
+    if isinstance(request.input, str):
+        items: list[dict[str, Any]] = [{"type": "message", "role": "user",
+                                        "content": [{"type": "input_text", "text": request.input}]}]  # fmt: skip
+    else:
+        items = [item.model_dump(exclude_none=True) for item in request.input]
+    for item in items:
+        if isinstance(item.get("content"), str):
+            item["content"] = [{"type": "input_text", "text": item["content"]}]
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(item["type"], "item")
+        item.setdefault("id", f"{prefix}_{secrets.token_hex(12)}")
+        if item["type"] != "reasoning":
+            item.setdefault("status", "completed")
+    return items
+
+
 def to_chat_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A response's output items as the chat messages they answered with: text, then the calls it made."""
     text = "".join(part.get("text", "") for item in output if item["type"] == "message" for part in item["content"])
@@ -1690,6 +1708,7 @@ class ResponsesEvents:
         self.sequence = 0
         self.items: list[dict[str, Any]] = []  # the output so far; the last may be open
         self.open: str | None = None  # the type of the open item: "message", "function_call", "reasoning"
+        self.text: list[str] = []  # the open message's or reasoning's text, joined when it closes
 
     @property
     def calls(self) -> int:
@@ -1727,17 +1746,27 @@ class ResponsesEvents:
         events = [] if self.open == kind and kind != "function_call" else self._close() + self._add(kind, piece)
         index = len(self.items) - 1
         item = self.items[index]
-        if isinstance(piece, ContentPiece):
-            item["content"][0]["text"] += piece.text
-            events.append(self._event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                      content_index=0, delta=piece.text, logprobs=[]))  # fmt: skip
-        elif isinstance(piece, ReasoningPiece):
-            item["content"][0]["text"] += piece.text
-            events.append(self._event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
-                                      content_index=0, delta=piece.text))  # fmt: skip
+        if isinstance(piece, ContentPiece | ReasoningPiece):
+            self.text.append(piece.text)
+            events.append(self.text_delta(isinstance(piece, ContentPiece), item["id"], index, piece.text))
         return events
 
+    def text_delta(self, output_text: bool, item_id: str, index: int, text: str) -> str:
+        """An output_text (or reasoning_text) delta event, the per-token hot path: the bytes `_event` would make
+        (a test holds them equal), without building and dumping a dict."""
+        sequence, self.sequence = self.sequence, self.sequence + 1
+        kind, tail = ("output_text", ',"logprobs":[]}') if output_text else ("reasoning_text", "}")
+        delta = json.dumps(text, ensure_ascii=False)
+        return (f'{{"type":"response.{kind}.delta","sequence_number":{sequence},"item_id":"{item_id}",'
+                f'"output_index":{index},"content_index":0,"delta":{delta}{tail}')  # fmt: skip
+
+    def _settle_text(self) -> None:
+        """Writes the open item's text into it (kept as pieces until then: no quadratic string growth)."""
+        if self.open in ("message", "reasoning") and self.items[-1].get("content"):
+            self.items[-1]["content"][0]["text"] = "".join(self.text)
+
     def _add(self, kind: str, piece: OutputPiece) -> list[str]:
+        self.text = []
         index = len(self.items)
         item: dict[str, Any]
         if isinstance(piece, ToolCallStart):
@@ -1764,6 +1793,7 @@ class ResponsesEvents:
         if self.open is None:
             return []
         index, item, kind = len(self.items) - 1, self.items[-1], self.open
+        self._settle_text()
         self.open = None
         events = []
         if kind == "message":
@@ -1798,6 +1828,7 @@ class ResponsesEvents:
         return [*events, self._event("response.completed", response=done)]
 
     def failure(self, error: dict[str, Any]) -> list[str]:
+        self._settle_text()
         detail = error["error"]
         failed = {**self.response, "output": self.items, "status": "failed",
                   "error": {"code": detail.get("code") or "server_error", "message": detail["message"]}}  # fmt: skip
@@ -4253,7 +4284,7 @@ async def start_response(state: AppState, request: ResponsesRequest, owner: str)
     response = make_response_object(response_id, created, model, request)
     asked = history + to_chat_messages(request)  # deliberate: without `instructions`, which are not carried over
     meta = StreamMeta(response_id, created, model, True, "responses", json.dumps(response), json.dumps(asked),
-                      background=bool(request.background))  # fmt: skip
+                      json.dumps(to_input_items(request)), background=bool(request.background))  # fmt: skip
     return launch(state, meta, response_id, request.model_dump_json(by_alias=True), owner, prompt, params)
 
 
@@ -4657,6 +4688,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             session.request_cancel()
             await wait_until_ended(session)
         return response_json(await current_response(session), session)
+
+    @app.get("/v1/responses/{response_id}/input_items", response_model=None, responses=responses_responses())
+    async def response_input_items(response_id: str, owner: Owner) -> Response:
+        session = await find_response(state, response_id, owner)
+        items = json.loads(session.meta.input_json or "[]")
+        return JSONResponse({"object": "list", "data": items, "has_more": False,
+                             "first_id": items[0]["id"] if items else None,
+                             "last_id": items[-1]["id"] if items else None})  # fmt: skip
 
     @app.delete("/v1/responses/{response_id}", response_model=None, responses=responses_responses())
     async def delete_response(response_id: str, owner: Owner) -> Response:

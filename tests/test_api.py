@@ -289,7 +289,7 @@ def test_openapi_documents_every_response_of_every_route() -> None:
         "GET /health/ready": {"application/json": "Ready"},
         **{route: {"application/json": "", "text/event-stream": ""} for route in (  # OpenAI's own Response schemas
             "POST /v1/responses", "GET /v1/responses/{response_id}", "POST /v1/responses/{response_id}/cancel",
-            "DELETE /v1/responses/{response_id}")},
+            "DELETE /v1/responses/{response_id}", "GET /v1/responses/{response_id}/input_items")},
     }  # fmt: skip
     assert schema["paths"]["/v1/models"]["get"]["responses"]["401"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"

@@ -132,6 +132,19 @@ def test_engine_output_becomes_the_apis_events_in_order_and_valid(
     assert partial["output"] == final["output"] and partial["status"] == "in_progress"
 
 
+@pytest.mark.parametrize("text", ["Hello", ' "quoted"\n', "café 日本 😀", ""])
+@pytest.mark.parametrize("output_text", [True, False])
+def test_the_fast_text_delta_is_the_generic_events_bytes(text: str, output_text: bool) -> None:
+    events = main.ResponsesEvents({}, main.OutputFormat())
+    events.sequence = 12
+    kind = "response.output_text.delta" if output_text else "response.reasoning_text.delta"
+    fields = {"item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": text}
+    generic = main.ResponsesEvents({}, main.OutputFormat())
+    generic.sequence = 12
+    expected = generic._event(kind, **fields, **({"logprobs": []} if output_text else {}))
+    assert events.text_delta(output_text, "msg_1", 2, text) == expected
+
+
 def test_the_tool_call_item_carries_the_arguments_written() -> None:
     events = [json.loads(e) for e in render([CALL], main.Finished("stop", 30), main.OutputFormat(tool_calls=True))]
     item = events[-1]["response"]["output"][0]
@@ -268,6 +281,23 @@ def test_cancel_twice_and_delete(server: LiveServer) -> None:
         client.responses.retrieve(started.id)
 
 
+def test_input_items_list_what_the_response_was_asked(spec: dict[str, Any], server: LiveServer) -> None:
+    client = client_for(server)
+    items = [{"role": "user", "content": "the weather?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "rome"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "rain"}]  # fmt: skip
+    response = client.responses.create(model="m", input=items, tools=[WEATHER], max_output_tokens=2)  # type: ignore[arg-type, list-item]
+    listed = httpx.get(f"{server.url}/v1/responses/{response.id}/input_items", timeout=30).json()
+    assert_valid(spec, "ResponseItemList", listed)
+    assert [(i["type"], i.get("role"), i.get("call_id")) for i in listed["data"]] == [
+        ("message", "user", None),
+        ("function_call", None, "call_1"),
+        ("function_call_output", None, "call_1"),
+    ]
+    assert listed["data"][0]["content"] == [{"type": "input_text", "text": "the weather?"}]
+    assert listed["first_id"] == listed["data"][0]["id"] and listed["has_more"] is False
+
+
 def test_an_unknown_previous_response_is_404(server: LiveServer) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client_for(server).responses.create(model="m", input="hi", previous_response_id="resp_nope")
@@ -333,7 +363,11 @@ def test_a_response_survives_a_restart_and_keys_own_their_responses(
     scripted: Callable[..., tuple[LiveServer, ScriptedEngine]],
 ) -> None:
     live, _ = scripted(api_key="alice,bob")
-    first = client_for(live, "alice").responses.create(model="m", input="the weather?")
+    started = client_for(live, "alice").responses.create(model="m", input="the weather?", background=True)
+    deadline = time.monotonic() + 30
+    while (first := client_for(live, "alice").responses.retrieve(started.id)).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     events = raw_events_with_key(live, first.id, "alice")
     live.__exit__(None, None, None)
     again, engine = scripted(api_key="alice,bob")
