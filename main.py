@@ -6,6 +6,9 @@ Endpoints (every /v1 route needs `Authorization: Bearer <key>` when API_KEY is s
   GET  /v1/sessions/{id}/events     the same resume for EventSource: events after Last-Event-ID, then the tail
   GET  /v1/sessions/{id}            a session's state
   POST /v1/cancel/{id}              stop a generation at its next token
+  POST /v1/responses                the Responses API on the same sessions: JSON, SSE, `background: true`
+  GET  /v1/responses/{id}           the response now; `?stream=true&starting_after=N` its events after N
+  POST /v1/responses/{id}/cancel    (background responses) DELETE /v1/responses/{id}, GET .../input_items
   GET  /v1/models, /v1/models/{id}  the one served model (its id: SERVED_MODEL_NAME, the hub id, or a file name)
   GET  /health, /health/live, /health/ready, /metrics (Prometheus)
 
@@ -18,6 +21,12 @@ Streams
   Bodies and chunks follow OpenAI's OpenAPI spec (a cancelled generation says finish_reason "stop"; its
   session state says "cancelled"). SSE goes through sse-starlette (keep-alive ping, disconnect, shutdown).
   Text requests share one continuous batch; requests with media run their own generate().
+  Responses streams carry `event: <type>` and `id: <response_id>:<sequence_number>`, and no [DONE].
+
+Outputs
+  `response_format` (json_object, json_schema) and forced `tool_choice` are enforced by constrained decoding
+  (llguidance): every row's next tokens are masked to what its grammar allows. Tool calls (`<tool_call>` blocks)
+  and reasoning (`<think>`) are parsed from the text as it streams, into `tool_calls` and `reasoning_content`.
 
 Errors
   Always `{"error": {"message", "type", "param", "code"}}`: bad input 400, bad key 401, unknown route or
