@@ -3188,16 +3188,21 @@ def chat_template_source(loaded: LoadedModel) -> str:
     return str(source or "")
 
 
-def check_renders_tools(source: str, model_name: str) -> None:
-    """Tools need a template that shows them to the model and a call format the parser reads (Qwen2.5, Qwen3,
-    Hermes: `<tool_call>` blocks); known from the template itself, never from the model's name."""
+@functools.lru_cache(maxsize=8)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a chat template reads, parsed once per template (not once per request)."""
     import jinja2.meta
 
     try:
-        variables = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
+        return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source)))
     except jinja2.TemplateError:
-        variables = set()
-    if "tools" not in variables:
+        return frozenset()
+
+
+def check_renders_tools(source: str, model_name: str) -> None:
+    """Tools need a template that shows them to the model and a call format the parser reads (Qwen2.5, Qwen3,
+    Hermes: `<tool_call>` blocks); known from the template itself, never from the model's name."""
+    if "tools" not in template_variables(source):
         raise BadRequest(f"the chat template of {model_name} cannot render tools", param="tools")
     if TOOL_CALL_OPEN not in source:
         raise BadRequest(f"the chat template of {model_name} asks for tool calls in a format this server does not "

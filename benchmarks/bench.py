@@ -410,17 +410,7 @@ def measure_responses(url: str, n: int, new_tokens: int, runs: int) -> tuple[flo
     single = statistics.median(stream_response(url, 0, new_tokens).decode_tok_s for _ in range(runs))
     aggregates = []
     for _ in range(runs + 1):  # the first is a warm-up
-        barrier, results = threading.Barrier(n), [StreamResult(0.0)] * n
-
-        def one(k: int, barrier: threading.Barrier = barrier, results: list[StreamResult] = results) -> None:
-            barrier.wait()
-            results[k] = stream_response(url, k, new_tokens)
-
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(REQUEST_TIMEOUT_SECONDS)
+        results = all_at_once(n, lambda k: stream_response(url, k, new_tokens))
         span = max(r.end for r in results) - min(r.sent for r in results)
         aggregates.append(sum(r.tokens for r in results) / span)
     return single, statistics.median(aggregates[1:])
@@ -446,11 +436,16 @@ def chat_body(i: int, new_tokens: int, model: str | None = None, extra: dict[str
 
 def concurrent(url: str, n: int, new_tokens: int, model: str | None = None, extra: dict[str, Any] | None = None
                ) -> list[StreamResult]:  # fmt: skip
+    return all_at_once(n, lambda i: stream_chat(url, chat_body(i, new_tokens, model, extra)))
+
+
+def all_at_once(n: int, job: Callable[[int], StreamResult]) -> list[StreamResult]:
+    """`job(0..n-1)`, each in its own thread, released together."""
     barrier, results = threading.Barrier(n), [StreamResult(0.0)] * n
 
     def one(i: int) -> None:
         barrier.wait()
-        results[i] = stream_chat(url, chat_body(i, new_tokens, model, extra))
+        results[i] = job(i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal  # Literal: the SDK reads the tool's hints from these globals
 
 import pytest
 import uvicorn
@@ -409,3 +409,16 @@ def tiny_qwen_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny Qwen3 with each real Qwen3 chat template (and Qwen3's non-special added tokens), by template."""
     names = ["Qwen3-4B-Instruct-2507", "Qwen3-4B-Thinking-2507", "Qwen3-4B"]
     return {name: build_tiny_qwen3(tmp_path_factory.mktemp(name), f"{name}.jinja") for name in names}
+
+
+def weather_tool(seen: list[str]) -> Any:
+    """An Agents SDK function tool that records the cities it is called with (the tiny model picks from two)."""
+    from agents import function_tool
+
+    @function_tool
+    def get_weather(city: Literal["paris", "rome"]) -> str:
+        """The weather in a city."""
+        seen.append(city)
+        return f"sunny in {city}"
+
+    return get_weather

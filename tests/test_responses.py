@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import openai
@@ -16,7 +16,7 @@ import pytest
 from test_spec import assert_valid, load_spec
 
 import main
-from conftest import LiveServer, ScriptedEngine, make_settings
+from conftest import LiveServer, ScriptedEngine, make_settings, weather_tool
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"enum": ["paris", "rome"]}}, "required": ["city"], "additionalProperties": False}}  # fmt: skip
@@ -305,16 +305,11 @@ def test_an_unknown_previous_response_is_404(server: LiveServer) -> None:
 
 
 def test_the_agents_sdk_default_responses_model_runs_a_tool_loop(server: LiveServer) -> None:
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
 
     set_tracing_disabled(True)
     seen: list[str] = []
-
-    @function_tool
-    def get_weather(city: Literal["paris", "rome"]) -> str:
-        """The weather in a city."""
-        seen.append(city)
-        return f"sunny in {city}"
+    get_weather = weather_tool(seen)
 
     model = OpenAIResponsesModel(model="m", openai_client=openai.AsyncOpenAI(base_url=server.url + "/v1",
                                                                              api_key="unused"))  # fmt: skip

@@ -18,7 +18,7 @@ from test_resume import read_stream, resume
 from test_spec import assert_stream_valid, assert_valid, load_spec
 
 import main
-from conftest import TEMPLATES_DIR, LiveServer, make_settings
+from conftest import TEMPLATES_DIR, LiveServer, make_settings, weather_tool
 
 CALLS = main.OutputFormat(tool_calls=True)
 ONE_CALL = main.OutputFormat(tool_calls=True, parallel_tool_calls=False)
@@ -102,7 +102,9 @@ def test_arguments_stream_as_they_are_written_and_the_name_comes_once() -> None:
     assert parser.flush() == []
 
 
-def test_a_character_split_across_deltas_comes_whole() -> None:
+def test_non_ascii_text_around_a_call_across_deltas() -> None:
+    """The parser takes text; a character split across tokens is joined before it (IncrementalDecoder, tested in
+    test_batching). Here: non-ASCII text and a tag cut across deltas."""
     folded, _ = parse(CALLS, ["Caf", "é ", "<tool", "_call>\n", '{"name": "f", "arguments": {"s": "日', '本"}}'])
     assert folded == {"content": "Café", "reasoning": "", "calls": [{"name": "f", "arguments": '{"s": "日本"}'}]}
 
@@ -491,16 +493,11 @@ def test_langchain_bind_tools_and_the_tool_message(qwen_server: LiveServer) -> N
 
 
 def test_the_agents_sdk_runs_a_function_tool(qwen_server: LiveServer) -> None:
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
 
     set_tracing_disabled(True)
     seen: list[str] = []
-
-    @function_tool
-    def get_weather(city: Literal["paris", "rome"]) -> str:
-        """The weather in a city."""
-        seen.append(city)
-        return f"sunny in {city}"
+    get_weather = weather_tool(seen)
 
     model = OpenAIChatCompletionsModel(model="m", openai_client=openai.AsyncOpenAI(base_url=qwen_server.url + "/v1",
                                                                                    api_key="unused"))  # fmt: skip
