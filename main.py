@@ -47,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
+import collections
 import contextlib
 import contextvars
 import copy
@@ -68,10 +70,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -173,6 +175,7 @@ class Settings:
     max_schema_bytes: int = 65_536  # a response_format schema larger than this (as compact JSON) is refused
     grammar_compile_timeout_seconds: float = 10.0  # a schema that takes longer to compile is refused with 400
     grammar_cache_size: int = 64  # compiled grammars kept, by schema: a repeated schema compiles once
+    max_n: int = 8  # choices one request may ask for (n); never more than MAX_BATCH_SIZE
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -203,6 +206,7 @@ class Settings:
             ("max_schema_bytes", self.max_schema_bytes >= 2, "at least 2"),
             ("grammar_compile_timeout_seconds", self.grammar_compile_timeout_seconds > 0, "more than 0"),
             ("grammar_cache_size", self.grammar_cache_size >= 1, "at least 1"),
+            ("max_n", self.max_n >= 1, "at least 1"),
             ("torch_dtype", self.torch_dtype in TORCH_DTYPES, "one of " + ", ".join(TORCH_DTYPES)),
             ("log_level", self.log_level.upper() in logging.getLevelNamesMapping(), "a logging level"),
             ("model_repo_id", bool(self.model_repo_id.strip()), "a model id or path"),
@@ -298,6 +302,7 @@ def configure_logging(settings: Settings) -> None:
 # ==== 2. Wire types ==========================================================================================
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for, as OpenAI's top_logprobs
 
 
 class WireModel(BaseModel):
@@ -410,7 +415,32 @@ class JsonSchemaFormat(WireModel):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
-class ChatCompletionRequest(WireModel):
+class SamplingFields(WireModel):
+    """What chat completions and the legacy completions share: length, sampling, stops, choices, streaming, and
+    the session to attach. `logprobs` differs between the two (a flag there, a count here)."""
+
+    model: str | None = None  # informational: the server serves one model
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1)  # null (as every field the spec marks nullable) means the default
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> -100..100; ids checked against the vocabulary
+    # the extensions vLLM users send
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # transformers' (CTRL) formula; 1 = off
+    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: off; null: the model's default
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)  # ours: names the session to attach
+
+
+class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
@@ -422,23 +452,26 @@ class ChatCompletionRequest(WireModel):
         },
     )  # fmt: skip
 
-    model: str | None = None  # informational: the server serves one model
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None  # null (as every field the spec marks nullable) means the default
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs: true
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool | None = None  # default true
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension, e.g. {"enable_thinking": false}
-    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)  # ours: names the session to attach
+
+
+class CompletionRequest(SamplingFields):
+    """The legacy `/v1/completions`: a raw prompt (no chat template), `echo`, and `logprobs` as a count."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: only score the prompt (evaluation harnesses)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None  # refused unless empty: no insertion (fill-in-the-middle) here
+    best_of: int | None = Field(default=None, ge=1)  # refused above 1
 
 
 # -- the Responses API's request: flat tools and formats, input items (what clients echo back included) --
@@ -574,10 +607,25 @@ class ResponseMessage(BaseModel):
     reasoning: str | None = Field(default=None, exclude_if=_omit_none)  # vLLM's: clients read one or the other
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: WireFinishReason | None
 
 
@@ -615,7 +663,7 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: WireFinishReason | None = None
 
 
@@ -626,6 +674,31 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = Field(default=None, exclude_if=_omit_none)  # only on the usage chunk (choices: [])
+
+
+class LegacyLogprobs(BaseModel):
+    """The legacy endpoint's logprobs: parallel lists, one entry per token (the first prompt token's is null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TextChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: WireFinishReason | None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = Field(default=None, exclude_if=_omit_none)
 
 
 class ModelCard(BaseModel):
@@ -829,13 +902,45 @@ class ConstraintSpec:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    max_new_tokens: int
+    max_new_tokens: int  # 0 (legacy echo only): the prompt is scored, nothing is generated
     temperature: float  # 0 means greedy
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     constraint: ConstraintSpec | None = None  # None: free text
     parallel_tool_calls: bool = True  # False: an answer ends after its first tool call
+    n: int = 1  # choices, each a row of its own in the batch (the prompt prefilled once)
+    logprobs: int | None = None  # alternatives per token when logprobs are asked for (0-20); None: no logprobs
+    prompt_logprobs: bool = False  # the legacy echo: the prompt's own tokens scored too
+    presence_penalty: float = 0.0  # OpenAI's penalties, over the tokens generated so far
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' and vLLM's, over the prompt and the tokens generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    top_k: int | None = None  # None: the model's generation config; 0: off
+    min_p: float = 0.0
+    min_tokens: int = 0  # end-of-text is masked until this many tokens
+    ignore_eos: bool = False  # end-of-text does not end the answer (benchmarks)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits are changed before sampling; a row that says no pays nothing for it."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)  # fmt: skip
+
+    @property
+    def penalizes_counts(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One token's log-probability under the model (raw logits: before bias, penalties, masks and temperature),
+    with its most likely alternatives, each (text, logprob, bytes). A prompt's first token has no logprob."""
+
+    token: str
+    logprob: float | None
+    raw: bytes  # its bytes: half of a multi-byte character stays half
+    top: tuple[tuple[str, float, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -846,11 +951,12 @@ class StreamMeta:
     created: int
     model: str
     include_usage: bool
-    protocol: Literal["chat", "responses"] = "chat"  # whose events the session holds
+    protocol: Literal["chat", "responses", "completions"] = "chat"  # whose events the session holds
     response_json: str = ""  # responses: the response object as created (JSON), its status and output empty
     conversation_json: str = ""  # responses: the chat messages it was asked (JSON), for previous_response_id
     input_json: str = ""  # responses: its input items, as GET .../input_items lists them (JSON)
     background: bool = False  # responses: runs to its end even if every reader leaves (no disconnect cancel)
+    echo_json: str = ""  # completions with echo: each choice's prompt text (JSON list), written before its answer
 
 
 def format_event_id(session_id: str, index: int) -> str:
@@ -972,17 +1078,62 @@ def to_wire_finish_reason(reason: str) -> WireFinishReason:
 
 
 def make_chunk(
-    meta: StreamMeta, content: str | None = None, *, role: bool = False, finish_reason: str | None = None
-) -> ChatCompletionChunk:
-    return make_delta_chunk(meta, ChunkDelta(role="assistant" if role else None, content=content), finish_reason)
+    meta: StreamMeta, content: str | None = None, *, role: bool = False, finish_reason: str | None = None,
+    index: int = 0, logprobs: Sequence[TokenScore] = (),
+) -> ChatCompletionChunk:  # fmt: skip
+    delta = ChunkDelta(role="assistant" if role else None, content=content)
+    return make_delta_chunk(meta, delta, finish_reason, index, logprobs)
 
 
-def make_delta_chunk(meta: StreamMeta, delta: ChunkDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+def make_delta_chunk(
+    meta: StreamMeta, delta: ChunkDelta, finish_reason: str | None = None, index: int = 0,
+    logprobs: Sequence[TokenScore] = (),
+) -> ChatCompletionChunk:  # fmt: skip
     finish = None if finish_reason is None else to_wire_finish_reason(finish_reason)
-    return ChatCompletionChunk(
-        id=meta.completion_id, created=meta.created, model=meta.model,
-        choices=[ChunkChoice(delta=delta, finish_reason=finish)],
-    )  # fmt: skip
+    choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=to_choice_logprobs(logprobs))
+    return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice])
+
+
+def to_top_logprob(text: str, logprob: float, raw: bytes) -> TopLogprob:
+    return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
+
+
+def to_choice_logprobs(scores: Sequence[TokenScore]) -> ChoiceLogprobs | None:
+    """Scored tokens as chat's `logprobs.content` entries; None (the field's null) when there are none."""
+    if not scores:
+        return None
+    content = [TokenLogprob(token=s.token, logprob=s.logprob if s.logprob is not None else 0.0, bytes=list(s.raw),
+                            top_logprobs=[to_top_logprob(*top) for top in s.top]) for s in scores]  # fmt: skip
+    return ChoiceLogprobs(content=content)
+
+
+class LogprobAligner:
+    """Hands out scored tokens with the text they made: a token goes out with the chunk that carries its first
+    byte. Stop strings hold text back and cut it; the tokens of the text they cut are dropped (`rest`)."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[tuple[int, TokenScore]] = collections.deque()  # (its first byte, it)
+        self.queued = 0  # bytes of the tokens queued so far
+        self.sent = 0  # bytes of the text sent so far
+
+    def push(self, scores: Sequence[TokenScore]) -> None:
+        for score in scores:
+            self.queue.append((self.queued, score))
+            self.queued += len(score.raw)
+
+    def take(self, text: str) -> list[TokenScore]:
+        self.sent += len(text.encode())
+        out: list[TokenScore] = []
+        while self.queue and (self.queue[0][0] < self.sent or (self.queue[0][0] == self.sent
+                                                                and not self.queue[0][1].raw)):  # fmt: skip
+            out.append(self.queue.popleft()[1])
+        return out
+
+    def rest(self, cut: bool) -> list[TokenScore]:
+        """At the end: the tokens not sent yet, or none where a stop string cut the text they made."""
+        out = [] if cut else [score for _, score in self.queue]
+        self.queue.clear()
+        return out
 
 
 class ContentChunks:
@@ -992,9 +1143,9 @@ class ContentChunks:
     spends per token is taken from the model's threads (measured: ~17 us to build and dump the model per chunk,
     against ~2 us for this)."""
 
-    def __init__(self, meta: StreamMeta) -> None:
+    def __init__(self, meta: StreamMeta, index: int = 0) -> None:
         marker = "\u0000marker\u0000"
-        head, _, tail = make_chunk(meta, marker).model_dump_json().partition(json.dumps(marker))
+        head, _, tail = make_chunk(meta, marker, index=index).model_dump_json().partition(json.dumps(marker))
         self.prefix, self.suffix = head, tail
 
     def encode(self, text: str) -> str:
@@ -1011,15 +1162,39 @@ def make_usage_chunk(meta: StreamMeta, usage: Usage) -> ChatCompletionChunk:
     return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[], usage=usage)
 
 
+@dataclass
+class ChoiceText:
+    """One choice of a completion as the stream's deltas build it (the JSON answer's fold)."""
+
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)  # index -> id, name, arguments, joined
+    logprobs: list[dict[str, Any]] | None = None  # the chat entries, as streamed
+
+    def tool_calls(self) -> list[ResponseToolCall]:
+        return [ResponseToolCall(id=c["id"], function=ResponseFunctionCall(name=c["name"], arguments=c["arguments"]))
+                for _, c in sorted(self.calls.items())]  # fmt: skip
+
+
+def make_choice(index: int, choice: ChoiceText) -> Choice:
+    """With calls, `content` is the text before them, or null when there is none (as the API answers)."""
+    finish = None if choice.finish_reason is None else to_wire_finish_reason(choice.finish_reason)
+    tool_calls, reasoning = choice.tool_calls(), choice.reasoning
+    message = ResponseMessage(content=choice.text or (None if tool_calls else choice.text),
+                              tool_calls=tool_calls or None, reasoning_content=reasoning or None,
+                              reasoning=reasoning or None)  # fmt: skip
+    logprobs = None if choice.logprobs is None else ChoiceLogprobs.model_validate({"content": choice.logprobs})
+    return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
+
+
 def make_completion(
     meta: StreamMeta, text: str, finish_reason: str | None, usage: Usage | None, reasoning: str = "",
     tool_calls: list[ResponseToolCall] | None = None,
 ) -> ChatCompletion:  # fmt: skip
-    """With calls, `content` is the text before them, or null when there is none (as the API answers)."""
-    finish = None if finish_reason is None else to_wire_finish_reason(finish_reason)
-    message = ResponseMessage(content=text or (None if tool_calls else text), tool_calls=tool_calls or None,
-                              reasoning_content=reasoning or None, reasoning=reasoning or None)  # fmt: skip
-    choice = Choice(index=0, message=message, finish_reason=finish)
+    calls = {i: {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+             for i, c in enumerate(tool_calls or [])}  # fmt: skip
+    choice = make_choice(0, ChoiceText(text, reasoning, finish_reason, calls))
     return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice], usage=usage)
 
 
@@ -1032,31 +1207,38 @@ class StreamFailed(APIError):
         self.status = 503 if type_ == ModelNotReady.type else 500
 
 
-def fold_completion(meta: StreamMeta, event_data: list[str]) -> ChatCompletion:
-    """The JSON answer is the fold of the stream's event payloads; an error event raises it."""
-    text, reasoning, finish_reason, usage = "", "", None, None
-    calls: dict[int, dict[str, str]] = {}  # index -> id, name, arguments, as a client joins the deltas
+def stream_payloads(event_data: list[str]) -> Iterator[dict[str, Any]]:
+    """A session's chunk payloads up to its end marker; an error event raises it."""
     for data in event_data:
         if data == DONE:
-            break
+            return
         payload = json.loads(data)
         if "error" in payload:
             error = payload["error"]
             raise StreamFailed(error["message"], error["type"], error.get("code"))
-        for choice in payload["choices"]:
-            delta = choice["delta"]
-            text += delta.get("content") or ""
-            reasoning += delta.get("reasoning_content") or ""
+        yield payload
+
+
+def fold_completion(meta: StreamMeta, event_data: list[str]) -> ChatCompletion:
+    """The JSON answer is the fold of the stream's event payloads, choice by choice; an error event raises it."""
+    choices: dict[int, ChoiceText] = {}
+    usage = None
+    for payload in stream_payloads(event_data):
+        for chunk in payload["choices"]:
+            choice, delta = choices.setdefault(chunk.get("index", 0), ChoiceText()), chunk["delta"]
+            choice.text += delta.get("content") or ""
+            choice.reasoning += delta.get("reasoning_content") or ""
             for call in delta.get("tool_calls") or []:
-                entry = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                entry = choice.calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
                 entry["id"] += call.get("id") or ""
                 entry["name"] += call["function"].get("name") or ""
                 entry["arguments"] += call["function"].get("arguments") or ""
-            finish_reason = choice["finish_reason"] or finish_reason
+            if chunk.get("logprobs"):
+                choice.logprobs = (choice.logprobs or []) + chunk["logprobs"]["content"]
+            choice.finish_reason = chunk["finish_reason"] or choice.finish_reason
         usage = Usage.model_validate(payload["usage"]) if payload.get("usage") else usage
-    tool_calls = [ResponseToolCall(id=c["id"], function=ResponseFunctionCall(name=c["name"], arguments=c["arguments"]))
-                  for _, c in sorted(calls.items())]  # fmt: skip
-    return make_completion(meta, text, finish_reason, usage, reasoning, tool_calls)
+    answer = [make_choice(i, c) for i, c in sorted(choices.items())]
+    return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=answer, usage=usage)
 
 
 def to_text(content: str | list[Any] | None) -> str:
@@ -1260,22 +1442,96 @@ def check_tool_messages(messages: list[ChatMessage]) -> None:
                              param=f"messages[{i}].tool_call_id")  # fmt: skip
 
 
-def to_generation_params(request: ChatCompletionRequest, settings: Settings) -> GenerationParams:
-    if request.n not in (None, 1):
-        raise BadRequest("only n=1 is supported", param="n")
+LOGIT_BIAS_KEY = re.compile(r"\d{1,9}")
+
+
+def to_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """`{"1234": -100}` -> ((1234, -100.0),); keys must be token ids and values within -100..100 (the ids are
+    checked against the vocabulary once the model is known: `check_logit_bias`)."""
+    out: list[tuple[int, float]] = []
+    for key, value in (bias or {}).items():
+        if not LOGIT_BIAS_KEY.fullmatch(key):
+            raise BadRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias[{key}] must be between -100 and 100, got {value}", param="logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(out)
+
+
+def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab: int) -> None:
+    for token, _ in bias:
+        if token >= vocab:
+            raise BadRequest(f"logit_bias: token id {token} is not in the vocabulary (0-{vocab - 1})",
+                             param="logit_bias")  # fmt: skip
+
+
+def to_sampling_params(request: SamplingFields, max_new_tokens: int, settings: Settings) -> GenerationParams:
+    """The fields chat and legacy completions share, checked (400 naming the field)."""
+    limit = min(settings.max_n, settings.max_batch_size)
+    if (request.n or 1) > limit:
+        raise BadRequest(f"n must be at most {limit} on this server (MAX_N, MAX_BATCH_SIZE)", param="n")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4:
         raise BadRequest("at most 4 stop sequences are allowed", param="stop")
     temperature = settings.temperature if request.temperature is None else request.temperature
     return GenerationParams(
-        max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.max_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=request.top_p,
         seed=request.seed,
         stop=tuple(s for s in stop if s),
+        n=request.n or 1,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias=to_logit_bias(request.logit_bias),
+        top_k=None if request.top_k is None else max(request.top_k, 0),
+        min_p=request.min_p or 0.0,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=bool(request.ignore_eos),
+    )
+
+
+def to_generation_params(request: ChatCompletionRequest, settings: Settings) -> GenerationParams:
+    if request.top_logprobs is not None and not request.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.max_tokens
+    return replace(
+        to_sampling_params(request, max_new_tokens, settings),
         constraint=to_tool_constraint(request) or to_constraint(request.response_format, settings.max_schema_bytes),
         parallel_tool_calls=request.parallel_tool_calls is not False,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
+
+
+MAX_COMPLETION_PROMPTS = 64  # prompts in one legacy request (each with its n choices)
+
+
+def to_completion_params(request: CompletionRequest, settings: Settings) -> GenerationParams:
+    """The legacy endpoint's fields; those it cannot honour are refused, never ignored."""
+    if request.suffix:
+        raise BadRequest("suffix is not supported (no insertion on this server)", param="suffix")
+    if (request.best_of or 1) > 1:
+        raise BadRequest("best_of above 1 is not supported; ask for n choices instead", param="best_of")
+    if request.max_tokens == 0 and not request.echo:
+        raise BadRequest("max_tokens 0 only makes sense with echo (to score the prompt)", param="max_tokens")
+    max_new_tokens = settings.max_tokens if request.max_tokens is None else request.max_tokens
+    return replace(to_sampling_params(request, max_new_tokens, settings), logprobs=request.logprobs,
+                   prompt_logprobs=bool(request.echo) and request.logprobs is not None)  # fmt: skip
+
+
+def to_prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A string, strings, token ids, or lists of token ids -> one entry per prompt."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [cast(list[int], prompt)]
+    prompts = cast(list[str | list[int]], prompt)
+    if not prompts or any(not p for p in prompts):
+        raise BadRequest("prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_COMPLETION_PROMPTS:
+        raise BadRequest(f"at most {MAX_COMPLETION_PROMPTS} prompts per request", param="prompt")
+    return prompts
 
 
 class StopMatcher:
@@ -1536,13 +1792,16 @@ def to_delta(piece: OutputPiece) -> ChunkDelta:
 
 
 class AnswerChunks:
-    """Chat completions' renderer: the role chunk, then text deltas -> chunk payloads, then the finish (and usage)
-    chunks. Free text takes `ContentChunks`' fast path; with tools or reasoning the text goes through an
-    `OutputParser` first (nothing is parsed for a request that has neither)."""
+    """Chat completions' renderer, one per choice: the role chunk, then text deltas -> chunk payloads, then the
+    finish chunk; the first choice's also closes the stream (the usage chunk). Free text takes `ContentChunks`'
+    fast path; with tools or reasoning the text goes through an `OutputParser` first (nothing is parsed for a
+    request that has neither). Scored tokens (logprobs) go with the first chunk made from their text, or, when
+    the parser holds that text back, with the next one (the finish chunk at the latest)."""
 
-    def __init__(self, meta: StreamMeta, output: OutputFormat) -> None:
-        self.meta, self.content = meta, ContentChunks(meta)
+    def __init__(self, meta: StreamMeta, output: OutputFormat, index: int = 0) -> None:
+        self.meta, self.index, self.content = meta, index, ContentChunks(meta, index)
         self.parser = OutputParser(output) if output.tool_calls or output.reasoning != "off" else None
+        self.scores: list[TokenScore] = []  # scored tokens whose text made no chunk yet
 
     @property
     def calls(self) -> int:
@@ -1553,30 +1812,43 @@ class AnswerChunks:
         """One call is done and parallel calls are off: what follows is dropped, the model can stop."""
         return self.parser is not None and self.parser.done
 
-    def encode(self, text: str) -> list[str]:
-        if not text:
-            return []
+    def encode(self, text: str, scores: Sequence[TokenScore] = ()) -> list[str]:
+        self.scores.extend(scores)
         if self.parser is None:
-            return [self.content.encode(text)]
-        return [self._encode(piece) for piece in self.parser.feed(text)]
+            return [self._content(text)] if text or self.scores else []
+        return [self._encode(piece) for piece in self.parser.feed(text)] if text else []
 
     def flush(self) -> list[str]:
         return [self._encode(piece) for piece in self.parser.flush()] if self.parser is not None else []
 
+    def echo(self, scores: Sequence[TokenScore]) -> list[str]:
+        return []  # chat has no echo
+
+    def _taken(self) -> list[TokenScore]:
+        taken, self.scores = self.scores, []
+        return taken
+
+    def _content(self, text: str) -> str:
+        if not self.scores:
+            return self.content.encode(text)
+        return make_chunk(self.meta, text, index=self.index, logprobs=self._taken()).model_dump_json()
+
     def _encode(self, piece: OutputPiece) -> str:
         if isinstance(piece, ContentPiece):
-            return self.content.encode(piece.text)
-        return make_delta_chunk(self.meta, to_delta(piece)).model_dump_json()
+            return self._content(piece.text)
+        return make_delta_chunk(self.meta, to_delta(piece), None, self.index, self._taken()).model_dump_json()
 
     def start(self) -> list[str]:
-        return [make_chunk(self.meta, "", role=True).model_dump_json()]
+        return [make_chunk(self.meta, "", role=True, index=self.index).model_dump_json()]
 
-    def finish(self, finished: Finished, prompt_tokens: int) -> list[str]:
-        events = [make_chunk(self.meta, finish_reason=finished.finish_reason).model_dump_json()]
-        if self.meta.include_usage:
-            usage = make_usage(prompt_tokens, finished.completion_tokens)
-            events.append(make_usage_chunk(self.meta, usage).model_dump_json())
-        return events
+    def finish(self, finished: Finished) -> list[str]:
+        chunk = make_chunk(self.meta, finish_reason=finished.finish_reason, index=self.index, logprobs=self._taken())
+        return [chunk.model_dump_json()]
+
+    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+        if not self.meta.include_usage:
+            return []
+        return [make_usage_chunk(self.meta, make_usage(prompt_tokens, completion_tokens)).model_dump_json()]
 
     def failure(self, error: dict[str, Any]) -> list[str]:
         return [json.dumps(error)]
@@ -1718,6 +1990,7 @@ class ResponsesEvents:
         self.items: list[dict[str, Any]] = []  # the output so far; the last may be open
         self.open: str | None = None  # the type of the open item: "message", "function_call", "reasoning"
         self.text: list[str] = []  # the open message's or reasoning's text, joined when it closes
+        self.finished = Finished("stop", 0)  # how the (one) choice ended, for `close`
 
     @property
     def calls(self) -> int:
@@ -1739,8 +2012,12 @@ class ResponsesEvents:
         return [self._event("response.created", response=self.response),
                 self._event("response.in_progress", response=self.response)]  # fmt: skip
 
-    def encode(self, text: str) -> list[str]:
+    def encode(self, text: str, scores: Sequence[TokenScore] = ()) -> list[str]:
+        """`scores` are never asked for here (the Responses request has no logprobs field this server reads)."""
         return [event for piece in self.parser.feed(text) for event in self._piece(piece)] if text else []
+
+    def echo(self, scores: Sequence[TokenScore]) -> list[str]:
+        return []  # the Responses API has no echo
 
     def flush(self) -> list[str]:
         return [event for piece in self.parser.flush() for event in self._piece(piece)]
@@ -1822,11 +2099,16 @@ class ResponsesEvents:
         events.append(self._event("response.output_item.done", output_index=index, item=item))
         return events
 
-    def finish(self, finished: Finished, prompt_tokens: int) -> list[str]:
-        """The open item's done events, then the terminal event: completed; incomplete at max_output_tokens;
-        a cancel ends `cancelled` (the API has no event of its own for it: `response.incomplete` carries it)."""
-        events = self._close()
-        usage = make_response_usage(prompt_tokens, finished.completion_tokens)
+    def finish(self, finished: Finished) -> list[str]:
+        """The open item's done events; the terminal event waits for `close`."""
+        self.finished = finished
+        return self._close()
+
+    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+        """The terminal event: completed; incomplete at max_output_tokens; a cancel ends `cancelled` (the API has
+        no event of its own for it: `response.incomplete` carries it)."""
+        events, finished = self._close(), self.finished
+        usage = make_response_usage(prompt_tokens, completion_tokens)
         done = {**self.response, "output": self.items, "usage": usage}
         if finished.finish_reason == "length":
             done |= {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
@@ -1844,14 +2126,108 @@ class ResponsesEvents:
         return [self._event("response.failed", response=failed)]
 
 
-Renderer = AnswerChunks | ResponsesEvents
+# -- the legacy completions: text chunks, logprobs as parallel lists --
 
 
-def make_renderer(meta: StreamMeta, output: OutputFormat) -> Renderer:
-    """The session's protocol decides how engine output is written: chat chunks or Responses events."""
+def make_text_chunk(
+    meta: StreamMeta, index: int, text: str = "", finish_reason: str | None = None,
+    logprobs: LegacyLogprobs | None = None,
+) -> TextCompletion:  # fmt: skip
+    finish = None if finish_reason is None else to_wire_finish_reason(finish_reason)
+    choice = TextChoice(text=text, index=index, logprobs=logprobs, finish_reason=finish)
+    return TextCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice])
+
+
+class CompletionChunks:
+    """The legacy endpoint's renderer, one per choice: (echo) the prompt's text, then text chunks, then the finish
+    chunk; the first choice's also writes the usage chunk. Scored tokens become the legacy lists, `text_offset`
+    counting characters from the start of the choice's text (its echoed prompt included)."""
+
+    def __init__(self, meta: StreamMeta, index: int) -> None:
+        self.meta, self.index = meta, index
+        self.echo_text = json.loads(meta.echo_json)[index] if meta.echo_json else None
+        self.chars = codecs.getincrementaldecoder("utf-8")(errors="replace")  # bytes so far -> characters so far
+        self.offset = 0
+
+    calls, complete = 0, False  # no tools on this endpoint
+
+    def start(self) -> list[str]:
+        if self.echo_text is None:
+            return []
+        self.offset += len(self.echo_text)
+        return [make_text_chunk(self.meta, self.index, self.echo_text).model_dump_json()]
+
+    def echo(self, scores: Sequence[TokenScore]) -> list[str]:
+        """The prompt's tokens, scored (echo with logprobs); their text went out first, at `start`."""
+        self.offset = 0
+        return [make_text_chunk(self.meta, self.index, "", logprobs=self.legacy(scores)).model_dump_json()]
+
+    def legacy(self, scores: Sequence[TokenScore]) -> LegacyLogprobs | None:
+        if not scores:
+            return None
+        offsets = []
+        for score in scores:
+            offsets.append(self.offset)
+            self.offset += len(self.chars.decode(score.raw))
+        return LegacyLogprobs(tokens=[s.token for s in scores], token_logprobs=[s.logprob for s in scores],
+                              top_logprobs=[None if s.logprob is None else {t: lp for t, lp, _ in s.top}
+                                            for s in scores], text_offset=offsets)  # fmt: skip
+
+    def encode(self, text: str, scores: Sequence[TokenScore] = ()) -> list[str]:
+        if not text and not scores:
+            return []
+        return [make_text_chunk(self.meta, self.index, text, logprobs=self.legacy(scores)).model_dump_json()]
+
+    def flush(self) -> list[str]:
+        return []
+
+    def finish(self, finished: Finished) -> list[str]:
+        return [make_text_chunk(self.meta, self.index, finish_reason=finished.finish_reason).model_dump_json()]
+
+    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+        if not self.meta.include_usage:
+            return []
+        usage = make_usage(prompt_tokens, completion_tokens)
+        chunk = TextCompletion(id=self.meta.completion_id, created=self.meta.created, model=self.meta.model,
+                               choices=[], usage=usage)  # fmt: skip
+        return [chunk.model_dump_json()]
+
+    def failure(self, error: dict[str, Any]) -> list[str]:
+        return [json.dumps(error)]
+
+
+def fold_text_completion(meta: StreamMeta, event_data: list[str]) -> TextCompletion:
+    """The legacy JSON answer: the stream's chunks joined choice by choice, their logprob lists concatenated."""
+    choices: dict[int, TextChoice] = {}
+    usage = None
+    for payload in stream_payloads(event_data):
+        for chunk in payload["choices"]:
+            choice = choices.setdefault(chunk["index"], TextChoice(text="", index=chunk["index"], finish_reason=None))
+            choice.text += chunk["text"]
+            choice.finish_reason = chunk["finish_reason"] or choice.finish_reason
+            if chunk.get("logprobs"):
+                add = LegacyLogprobs.model_validate(chunk["logprobs"])
+                have = choice.logprobs or LegacyLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+                choice.logprobs = LegacyLogprobs(
+                    tokens=have.tokens + add.tokens, token_logprobs=have.token_logprobs + add.token_logprobs,
+                    top_logprobs=have.top_logprobs + add.top_logprobs, text_offset=have.text_offset + add.text_offset,
+                )  # fmt: skip
+        usage = Usage.model_validate(payload["usage"]) if payload.get("usage") else usage
+    return TextCompletion(id=meta.completion_id, created=meta.created, model=meta.model,
+                          choices=[choices[i] for i in sorted(choices)], usage=usage)  # fmt: skip
+
+
+Renderer = AnswerChunks | ResponsesEvents | CompletionChunks
+
+
+def make_renderer(meta: StreamMeta, output: OutputFormat, index: int = 0) -> Renderer:
+    """The session's protocol decides how a choice's engine output is written: chat chunks, Responses events,
+    or legacy completion chunks."""
     if meta.protocol == "responses":
         return ResponsesEvents(json.loads(meta.response_json), output)
-    return AnswerChunks(meta, output)
+    if meta.protocol == "completions":
+        return CompletionChunks(meta, index)
+    return AnswerChunks(meta, output, index)
 
 
 def to_responses_sse(data: str, index: int) -> tuple[str, str] | None:
@@ -2268,15 +2644,26 @@ def _make_constraint_processor(constraint: RowConstraint, prompt_tokens: int, vo
 @dataclass(frozen=True)
 class Delta:
     text: str
+    choice: int = 0  # which of the request's n choices
+    logprobs: tuple[TokenScore, ...] = ()  # the tokens this text came from, when logprobs are asked for
 
 
 @dataclass(frozen=True)
 class Finished:
     finish_reason: FinishReason
     completion_tokens: int
+    choice: int = 0
 
 
-EngineEvent = Delta | Finished
+@dataclass(frozen=True)
+class PromptScores:
+    """The legacy echo with logprobs: the prompt's tokens, scored, before the choice's first delta."""
+
+    scores: tuple[TokenScore, ...]
+    choice: int = 0
+
+
+EngineEvent = Delta | Finished | PromptScores
 
 
 @dataclass
@@ -2287,6 +2674,7 @@ class PreparedPrompt:
     prompt_tokens: int
     grammar: CompiledGrammar | None = None  # the compiled response_format or forced tool call, if any
     output: OutputFormat = field(default_factory=OutputFormat)  # how to read what the model writes
+    text: str = ""  # a raw prompt as text (the legacy echo)
 
 
 @dataclass(frozen=True)
@@ -2317,9 +2705,12 @@ class Engine(Protocol):
         self, messages: list[dict[str, Any]], params: GenerationParams, template: TemplateInputs | None = None
     ) -> PreparedPrompt: ...
 
+    def prepare_text(self, prompt: str | list[int], params: GenerationParams) -> PreparedPrompt: ...
+
     def stream(
-        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
-    ) -> Iterator[EngineEvent]: ...
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+        ends: Sequence[threading.Event] = (),
+    ) -> Iterator[EngineEvent]: ...  # fmt: skip
 
 
 @dataclass
@@ -2591,57 +2982,159 @@ def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"do_sample": True, "temperature": params.temperature}
     if params.top_p is not None:
         kwargs["top_p"] = params.top_p
+    if params.top_k is not None:
+        kwargs["top_k"] = params.top_k
+    if params.min_p:
+        kwargs["min_p"] = params.min_p
     return kwargs
 
 
+def _make_row_processor(row: BatchRequest, prompt_tokens: int, eos_index: Any) -> Any:
+    from transformers import LogitsProcessor
+
+    class RowLogits(LogitsProcessor):  # type: ignore[misc]
+        """The batch's per-row logit work for `generate()`: the raw log-softmax kept for logprobs, then bias and
+        penalties. generate() runs the processors it is given before its warpers (temperature, top-k, top-p), and
+        this one first, so it sees the model's own logits."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            row.generated = int(input_ids.shape[1]) - prompt_tokens
+            if row.generated:
+                count_token(row, int(input_ids[0, -1]))  # the token chosen at the previous step
+            if row.params.logprobs is not None:
+                row.scores = scores[0].float().log_softmax(-1)
+            if row.params.adjusts_logits:
+                adjust_logits(scores[0], row, eos_index)
+            return scores
+
+    return RowLogits()
+
+
+def _make_token_streamer(on_token: Callable[[int], None], on_end: Callable[[], None]) -> Any:
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenStreamer(BaseStreamer):  # type: ignore[misc]
+        """generate()'s tokens as they are chosen, one by one (the first `put` is the prompt)."""
+
+        prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for token in value.view(-1).tolist():
+                on_token(int(token))
+
+        def end(self) -> None:
+            on_end()
+
+    return TokenStreamer()
+
+
 def infer_stream(
-    loaded: LoadedModel, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
-) -> Iterator[EngineEvent]:
-    """Runs `generate` in a worker thread and yields its text deltas, then one `Finished`.
+    loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams,
+    cancel: threading.Event, ends: Sequence[threading.Event] = (),
+) -> Iterator[EngineEvent]:  # fmt: skip
+    """Runs `generate` in a worker thread, once per choice (one after another), and yields each one's text
+    deltas (with their logprobs when asked), then its `Finished`.
 
     Closing the iterator early (or an exception in the caller) sets `cancel`, so generate stops at the next
     token and the thread never outlives its reader.
     """
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    try:
+        for choice in range(params.n):
+            end = ends[choice] if choice < len(ends) else None
+            if params.prompt_logprobs:
+                yield PromptScores(infer_prompt_scores(loaded, texts, prompt, params), choice)
+            if cancel.is_set() or params.max_new_tokens == 0:
+                yield Finished("cancelled" if cancel.is_set() else "length", 0, choice)
+                continue
+            yield from infer_choice(loaded, texts, prompt, params, cancel, end, choice, choice_seed(seed, choice))
+    finally:
+        cancel.set()
 
-    streamer: Any = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    outcome: dict[str, Any] = {}
-    processors = LogitsProcessorList()
+
+def infer_prompt_scores(
+    loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams
+) -> tuple[TokenScore, ...]:
+    import torch
+
+    with torch.inference_mode():
+        logits = loaded.model(**prompt.inputs).logits[0]
+    ids = prompt.inputs["input_ids"][0].tolist()
+    return score_prompt(texts, logits.float().log_softmax(-1), ids, params.logprobs or 0)
+
+
+def infer_choice(
+    loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams,
+    cancel: threading.Event, end: threading.Event | None, choice: int, seed: int,
+) -> Iterator[EngineEvent]:  # fmt: skip
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    eos = eos_ids(loaded)
+    row = BatchRequest(prompt.inputs["input_ids"], params, cancel, IncrementalDecoder(loaded.tokenizer), None,
+                       choice=choice, end=end)  # fmt: skip
+    prepare_row(row, vocab_size(loaded))
+    eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
+    processors = LogitsProcessorList([_make_row_processor(row, prompt.prompt_tokens, eos_index)])
     if prompt.grammar is not None:
         processors.append(_make_constraint_processor(prompt.grammar.start(), prompt.prompt_tokens, vocab_size(loaded)))
+    tokens: queue.Queue[object] = queue.Queue()
+    k = params.logprobs or 0
+
+    def on_token(token: int) -> None:  # in generate's thread, right after the token is chosen
+        score = texts.score(row.scores, token, k) if row.scores is not None else None
+        tokens.put((token, score))
+
+    streamer = _make_token_streamer(on_token, lambda: tokens.put(_BATCH_END))
+    outcome: dict[str, Any] = {}
+    leave = threading.Event()  # the reader left: this choice's generate stops (the next choice may still run)
+    stopping = StoppingCriteriaList([_make_cancel_criteria(e) for e in (cancel, end, leave) if e is not None])
 
     def generate() -> None:
         try:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)  # caveat: process-global; exact only with one generation at a time
+            torch.manual_seed(seed)  # caveat: process-global; exact only with one generation at a time
             with torch.inference_mode():
-                outcome["ids"] = loaded.model.generate(
+                loaded.model.generate(
                     **prompt.inputs,
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_make_cancel_criteria(cancel)]),
+                    stopping_criteria=stopping,
                     logits_processor=processors,
                     max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
                     pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
                     **sampling_kwargs(params),
                 )
         except BaseException as exc:
             outcome["error"] = exc
-            streamer.end()  # deliberate: wakes the reader, which would otherwise wait forever
+            tokens.put(_BATCH_END)  # deliberate: wakes the reader, which would otherwise wait forever
 
     thread = threading.Thread(target=generate, name="generate", daemon=True)
     thread.start()
+    generated: list[int] = []
     try:
-        for text in streamer:
-            if text:
-                yield Delta(text)
+        while (item := tokens.get()) is not _BATCH_END:
+            token, score = cast(tuple[int, TokenScore | None], item)
+            generated.append(token)
+            if token in eos and not params.ignore_eos:
+                continue  # end-of-text is not part of the answer, nor of its logprobs
+            if score is not None:
+                row.pending.append(score)
+            text = row.decoder.push(token)
+            if text or row.pending:
+                yield Delta(text, choice, tuple(row.pending))
+                row.pending = []
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        generated = outcome["ids"][0, prompt.prompt_tokens :].tolist()
-        yield Finished(finish_reason_of(generated, eos_ids(loaded), params, cancel), len(generated))
+        if tail := row.decoder.flush():
+            yield Delta(tail, choice)
+        stopped = cancel.is_set() or (end is not None and end.is_set())
+        yield Finished(finish_reason_of(generated, eos, params, stopped), len(generated), choice)
     finally:
-        cancel.set()
+        leave.set()
         thread.join(timeout=30)
 
 
@@ -2659,14 +3152,12 @@ def eos_ids(loaded: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def finish_reason_of(
-    generated: list[int], eos: set[int], params: GenerationParams, cancel: threading.Event
-) -> FinishReason:
-    if generated and generated[-1] in eos:
+def finish_reason_of(generated: list[int], eos: set[int], params: GenerationParams, stopped: bool) -> FinishReason:
+    if generated and generated[-1] in eos and not params.ignore_eos:
         return "stop"
     if len(generated) >= params.max_new_tokens:
         return "length"
-    return "cancelled" if cancel.is_set() else "stop"
+    return "cancelled" if stopped else "stop"
 
 
 def encode_vision(
@@ -2798,35 +3289,129 @@ def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bo
     return size == 0 or (size + 1) * max(longest, length) <= budget
 
 
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: the tokens of Qwen, SmolLM2 and Llama 3 are written
+    in it (a space is "Ġ"), so a token's raw bytes, half a character included, are read straight off its text."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+class TokenTexts:
+    """Token ids -> (text, raw bytes) for logprobs, each looked up once. The bytes of a special token (one the
+    decoded text skips, as end-of-text) are empty, so that the bytes of an answer's tokens join to its content."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a a", add_special_tokens=False))
+        self.byte_level = "Ġ" in "".join(p or "" for p in pieces)
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def lookup(self, token: int) -> tuple[str, bytes]:
+        found = self.cache.get(token)
+        if found is None:
+            found = self.cache[token] = self._lookup(token)
+        return found
+
+    def _lookup(self, token: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.convert_ids_to_tokens(token) or ""
+        if token in self.special:
+            return piece, b""
+        alphabet = byte_level_alphabet()
+        if self.byte_level and all(c in alphabet for c in piece):
+            raw = bytes(alphabet[c] for c in piece)
+        elif match := BYTE_TOKEN.fullmatch(piece):
+            raw = bytes([int(match[1], 16)])
+        else:
+            raw = piece.replace("\u2581", " ").encode()  # SentencePiece's word marker is a space
+        return raw.decode("utf-8", errors="backslashreplace"), raw  # half a character reads as `\xe2\x80`
+
+    def score(self, logprobs: Any, token: int | None, k: int) -> TokenScore:
+        """`token`'s entry from one position's log-softmax, with the `k` most likely tokens (most likely first)."""
+        top: tuple[tuple[str, float, bytes], ...] = ()
+        if k:
+            values, ids = logprobs.topk(k)
+            pairs = zip(values.tolist(), ids.tolist(), strict=True)
+            top = tuple((text, value, raw) for value, (text, raw) in ((v, self.lookup(i)) for v, i in pairs))
+        if token is None:
+            return TokenScore("", None, b"", top)
+        text, raw = self.lookup(token)
+        return TokenScore(text, float(logprobs[token]), raw, top)
+
+
+def score_prompt(texts: TokenTexts, logprobs: Any, ids: list[int], k: int) -> tuple[TokenScore, ...]:
+    """A prompt's tokens, scored: `logprobs[j]` is the distribution after `ids[: j + 1]`, so it scores `ids[j + 1]`;
+    the first token has nothing before it (null, as the legacy API)."""
+    first = TokenScore(*_first_token(texts, ids[0]))
+    return (first, *(texts.score(logprobs[j], ids[j + 1], k) for j in range(len(ids) - 1)))
+
+
+def _first_token(texts: TokenTexts, token: int) -> tuple[str, None, bytes]:
+    text, raw = texts.lookup(token)
+    return text, None, raw
+
+
 @dataclass
 class BatchRequest:
+    """One row of the batch: one choice of one prompt. The `n` choices of a prompt are its siblings: submitted
+    together, prefilled once, each with its own generator, decoder, constraint and end."""
+
     input_ids: Any  # (1, prompt_tokens), on the model's device
     params: GenerationParams
-    cancel: threading.Event
+    cancel: threading.Event  # the whole request's
     decoder: IncrementalDecoder
     generator: Any  # a torch.Generator of its own when sampling: seeds hold whatever else runs
     constraint: RowConstraint | None = None  # its response_format or forced call matcher; None: free text
-    out: queue.Queue[object] = field(default_factory=queue.Queue)
+    out: queue.Queue[object] = field(default_factory=queue.Queue)  # shared by the siblings
+    choice: int = 0
+    end: threading.Event | None = None  # this choice's alone (its stop string matched)
     generated: int = 0
     cached: int = 0  # real tokens in the KV cache, so the position of the next one
     done: bool = False
+    counts: Any = None  # (vocab,) generated-token counts, for presence/frequency penalties; None: not penalized
+    seen: Any = None  # (vocab,) bool: prompt and generated tokens, for repetition_penalty; None: not penalized
+    bias: tuple[Any, Any] | None = None  # logit_bias as (ids, values) tensors on the device
+    scores: Any = None  # this step's raw log-softmax, when logprobs are asked for
+    pending: list[TokenScore] = field(default_factory=list)  # scored tokens whose text is not out yet
+
+    @property
+    def stopped(self) -> bool:
+        return self.cancel.is_set() or (self.end is not None and self.end.is_set())
+
+    def put(self, text: str) -> None:
+        if text or self.pending:
+            self.out.put(Delta(text, self.choice, tuple(self.pending)))
+            self.pending = []
 
     def finish(self, reason: FinishReason) -> None:
-        tail = self.decoder.flush()
-        if tail:
-            self.out.put(Delta(tail))
-        self.out.put(Finished(reason, self.generated))
+        self.put(self.decoder.flush())
+        self.out.put(Finished(reason, self.generated, self.choice))
         self.out.put(_BATCH_END)
         self.done = True
+
+
+Family = list[BatchRequest]  # one prompt's rows: its n choices
 
 
 @dataclass
 class ChunkedPrefill:
     """A prompt longer than the prefill budget, prefilled a slice per step into a cache of its own."""
 
-    request: BatchRequest
+    family: Family
     cache: Any
     done: int = 0  # prompt tokens in `cache` so far
+    scores: list[TokenScore] = field(default_factory=list)  # the prompt scored so far (echo with logprobs)
 
 
 def cache_keyword(model: Any) -> str:
@@ -2837,25 +3422,72 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def prepare_row(request: BatchRequest, width: int) -> None:
+    """The per-row state for logit adjustments, made once at admission (none for a row that asks for none)."""
+    import torch
+
+    params, device = request.params, request.input_ids.device
+    if params.penalizes_counts:
+        request.counts = torch.zeros(width, dtype=torch.float32, device=device)
+    if params.repetition_penalty != 1:
+        request.seen = torch.zeros(width, dtype=torch.bool, device=device)
+        request.seen[request.input_ids[0]] = True
+    if params.logit_bias:
+        ids, values = zip(*params.logit_bias, strict=True)
+        request.bias = (torch.tensor(ids, device=device), torch.tensor(values, device=device))
+
+
+def count_token(request: BatchRequest, token: int) -> None:
+    """A generated token, counted for the penalties that look at what came before."""
+    if request.counts is not None:
+        request.counts[token] += 1
+    if request.seen is not None:
+        request.seen[token] = True
+
+
+def adjust_logits(row: Any, request: BatchRequest, eos: Any) -> None:
+    """One row's logits, in place, before masks and sampling: logit_bias, OpenAI's penalties
+    (`-= frequency * count + presence * (count > 0)` over the generated tokens), repetition_penalty (a seen
+    token's positive logit divided by it, a negative one multiplied), and end-of-text masked before
+    min_tokens."""
+    import torch
+
+    params = request.params
+    if request.bias is not None:
+        row.index_add_(0, request.bias[0], request.bias[1].to(row.dtype))
+    if request.counts is not None:
+        row -= request.counts * params.frequency_penalty + (request.counts > 0) * params.presence_penalty
+    if request.seen is not None:
+        penalty = params.repetition_penalty
+        row.copy_(torch.where(request.seen, torch.where(row > 0, row / penalty, row * penalty), row))
+    if request.generated < params.min_tokens and eos is not None:
+        row[eos] = -float("inf")
+
+
 class BatchScheduler:
     """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
     next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
     batch's (left-padded to a common length), and from then on each step is one forward pass over all rows, each
     with its own position ids. Rows leave as they finish or are cancelled; requests join and leave between steps.
-    Device-agnostic: plain tensor ops on the model's device."""
+    A prompt with n choices is prefilled once and its cache rows copied n times. Device-agnostic: plain tensor
+    ops on the model's device."""
 
     def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0) -> None:
+        import torch
+
         self.loaded = loaded
         self.max_batch = max_batch
         on_cpu = loaded.model.device.type == "cpu"
         self.prefill_tokens = prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else ACCELERATOR_PREFILL_TOKENS)
         self.eos = eos_ids(loaded)
+        self.eos_index = torch.tensor(sorted(self.eos), device=loaded.model.device) if self.eos else None
+        self.texts = TokenTexts(loaded.tokenizer)
         self.cache_kw = cache_keyword(loaded.model)
         config = loaded.model.generation_config
         self.default_top_k = int(config.top_k or 0)  # what generate() would apply when sampling
         self.default_top_p = config.top_p
-        self.pending: queue.Queue[BatchRequest] = queue.Queue()
-        self.held: BatchRequest | None = None  # taken from `pending` but left for the next prefill group
+        self.pending: queue.Queue[Family] = queue.Queue()
+        self.held: Family | None = None  # taken from `pending` but left for the next prefill group
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
         self.active: list[BatchRequest] = []
         self.cache: Any = None  # a DynamicCache with one row per active request
@@ -2865,8 +3497,8 @@ class BatchScheduler:
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, request: BatchRequest) -> None:
-        self.pending.put(request)
+    def submit(self, family: Family) -> None:
+        self.pending.put(family)
 
     def _run(self) -> None:
         import torch
@@ -2890,7 +3522,7 @@ class BatchScheduler:
         prefill join the next group instead of waiting behind a step. A prompt longer than `prefill_tokens` is
         prefilled in slices instead, one per step (`_prefill_chunk`), so it does not stall the others."""
         while self._rows() < self.max_batch and (group := self._next_group(wait=self._idle())):
-            if len(group) == 1 and int(group[0].input_ids.shape[1]) > self.prefill_tokens:
+            if len(group) == 1 and int(group[0][0].input_ids.shape[1]) > self.prefill_tokens:
                 if self.chunked is not None:
                     self.held = group[0]  # one long prompt at a time; it waits for the current one
                     return
@@ -2899,10 +3531,10 @@ class BatchScheduler:
             try:
                 self._prefill(group)
             except Exception as exc:  # only these requests fail; the batch goes on
-                self._fail(group, exc, "prefill")
+                self._fail([r for family in group for r in family], exc, "prefill")
 
     def _rows(self) -> int:
-        return len(self.active) + (self.chunked is not None)
+        return len(self.active) + (len(self.chunked.family) if self.chunked is not None else 0)
 
     def _idle(self) -> bool:
         return not self.active and self.chunked is None
@@ -2914,32 +3546,34 @@ class BatchScheduler:
             request.out.put(exc)
             request.out.put(_BATCH_END)
 
-    def _next_group(self, wait: bool) -> list[BatchRequest]:
-        """Waiting requests, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
+    def _next_group(self, wait: bool) -> list[Family]:
+        """Waiting prompts, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
         longer prompt goes alone, in slices). Deliberate: on CPU prefill is compute-bound, so a group's cost grows
         with every prompt in it and all of them wait for it; groups of about 4 chat prompts were measured the
         best trade (0.64x the cost per prompt of one alone, CLAUDE.md)."""
-        group: list[BatchRequest] = []
-        longest = 0
-        while self._rows() + len(group) < self.max_batch:
-            request = self._take(block=wait and not group)
-            if request is None:
+        group: list[Family] = []
+        longest, rows = 0, self._rows()
+        while rows < self.max_batch:
+            family = self._take(block=wait and not group)
+            if family is None:
                 break
-            if request.cancel.is_set():
-                request.finish("cancelled")
+            if all(r.stopped for r in family):
+                for request in family:
+                    request.finish("cancelled")
                 continue
-            length = int(request.input_ids.shape[1])
-            if not joins_prefill_group(len(group), longest, length, self.prefill_tokens):
-                self.held = request  # first in line for the next group
+            length = int(family[0].input_ids.shape[1])
+            fits = rows + len(family) <= self.max_batch
+            if not fits or not joins_prefill_group(len(group), longest, length, self.prefill_tokens):
+                self.held = family  # first in line for the next group
                 break
-            group.append(request)
-            longest = max(longest, length)
+            group.append(family)
+            longest, rows = max(longest, length), rows + len(family)
         return group
 
-    def _take(self, block: bool) -> BatchRequest | None:
+    def _take(self, block: bool) -> Family | None:
         if self.held is not None:
-            request, self.held = self.held, None
-            return request
+            family, self.held = self.held, None
+            return family
         try:
             return self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
         except queue.Empty:
@@ -2952,32 +3586,52 @@ class BatchScheduler:
         cache.layers = [growing_layer()() for _ in cache.layers]
         return cache
 
-    def _prefill(self, requests: list[BatchRequest]) -> None:
+    def _prefill(self, group: list[Family]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
         import torch
 
-        lengths = [int(r.input_ids.shape[1]) for r in requests]
+        lengths = [int(family[0].input_ids.shape[1]) for family in group]
         longest = max(lengths)
-        ids = torch.zeros((len(requests), longest), dtype=torch.long, device=requests[0].input_ids.device)
+        ids = torch.zeros((len(group), longest), dtype=torch.long, device=group[0][0].input_ids.device)
         mask = torch.zeros_like(ids)
-        for row, (request, length) in enumerate(zip(requests, lengths, strict=True)):
-            ids[row, longest - length :] = request.input_ids[0]
+        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
+            ids[row, longest - length :] = family[0].input_ids[0]
             mask[row, longest - length :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
         cache = self._new_cache()
+        scored = any(family[0].params.prompt_logprobs for family in group)  # echo: every position's logits
         logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_kw: cache},
-                                   use_cache=True, logits_to_keep=1).logits  # fmt: skip
-        self._join(requests, lengths, cache, mask, logits)
+                                   use_cache=True, logits_to_keep=0 if scored else 1).logits  # fmt: skip
+        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
+            if family[0].params.prompt_logprobs:
+                self._send_prompt_scores(family, list(self._score_slice(family[0], logits[row, longest - length :], 0)))
+        self._join(group, lengths, cache, mask, logits[:, -1:, :])
+
+    def _score_slice(self, request: BatchRequest, logits: Any, start: int) -> Iterator[TokenScore]:
+        """The prompt tokens that `logits` (positions `start`... of the prompt) predict, scored."""
+        prompt = request.input_ids[0].tolist()
+        k = request.params.logprobs or 0
+        if start == 0:
+            yield TokenScore(*_first_token(self.texts, prompt[0]))
+        logprobs = logits.float().log_softmax(-1)
+        for j in range(min(len(logits), len(prompt) - start - 1)):
+            yield self.texts.score(logprobs[j], prompt[start + j + 1], k)
+
+    @staticmethod
+    def _send_prompt_scores(family: Family, scores: list[TokenScore]) -> None:
+        for request in family:
+            request.out.put(PromptScores(tuple(scores), request.choice))
 
     def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
         """The next `prefill_tokens` of a long prompt into its own cache; after the last, it joins the batch."""
         import torch
 
-        request, start = chunked.request, chunked.done
+        request, start = chunked.family[0], chunked.done
         length = int(request.input_ids.shape[1])
         end = min(start + self.prefill_tokens, length)
         device = request.input_ids.device
         mask = torch.ones((1, end), dtype=torch.long, device=device)
+        scored = request.params.prompt_logprobs
         try:
             logits = self.loaded.model(
                 input_ids=request.input_ids[:, start:end],
@@ -2985,22 +3639,40 @@ class BatchScheduler:
                 position_ids=torch.arange(start, end, device=device).unsqueeze(0),
                 **{self.cache_kw: chunked.cache},
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if scored else 1,
             ).logits
+            if scored:
+                chunked.scores.extend(self._score_slice(request, logits[0], start))
             chunked.done = end
             if end == length:
                 self.chunked = None
-                self._join([request], [length], chunked.cache, mask, logits)
+                if scored:
+                    self._send_prompt_scores(chunked.family, chunked.scores)
+                self._join([chunked.family], [length], chunked.cache, mask, logits[:, -1:, :])
         except Exception as exc:  # only this request fails; the batch goes on
             self.chunked = None
-            self._fail([request], exc, "prefill")
+            self._fail(chunked.family, exc, "prefill")
 
-    def _join(self, requests: list[BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
-        """Samples the prefilled requests' first tokens and merges their rows into the batch."""
+    def _join(self, group: list[Family], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
+        """Copies each prompt's row once per choice, samples the first tokens, and merges the rows into the
+        batch. A choice asked for no new tokens (echo only) ends here."""
+        import torch
+
+        requests = [request for family in group for request in family]
+        if len(requests) > len(group):
+            index = torch.tensor([row for row, family in enumerate(group) for _ in family], device=mask.device)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
+            lengths = [length for length, family in zip(lengths, group, strict=True) for _ in family]
+        for request in requests:
+            prepare_row(request, vocab_size(self.loaded))
         tokens = self._sample(logits[:, -1, :], requests)
         self._merge(requests, cache, mask, tokens)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
+            if request.params.max_new_tokens == 0:
+                request.finish("length")
+                continue
             self._emit(request, int(token))
         self._retire()
 
@@ -3074,55 +3746,74 @@ class BatchScheduler:
             apply_token_bitmask(logits, self.bitmask, rows)
 
     def _sample(self, logits: Any, requests: list[BatchRequest]) -> Any:
-        import torch
-
+        """The next token of every row: raw log-softmax kept for rows that ask for logprobs, then each row's
+        adjustments (bias, penalties, min_tokens), grammar masks, and greedy or sampled choice. Rows that use
+        none of it pay nothing."""
+        for row, request in enumerate(requests):
+            if request.done:
+                continue
+            if request.params.logprobs is not None:
+                request.scores = logits[row].float().log_softmax(-1)
+            if request.params.adjusts_logits:
+                adjust_logits(logits[row], request, self.eos_index)
         self._constrain(logits, requests)
         tokens = logits.argmax(dim=-1)
         for row, request in enumerate(requests):
-            params = request.params
-            if params.temperature == 0 or request.done:
-                continue
-            scores = logits[row].float() / params.temperature
-            if 0 < self.default_top_k < scores.shape[-1]:
-                scores[scores < scores.topk(self.default_top_k).values[-1]] = -float("inf")
-            top_p = params.top_p if params.top_p is not None else self.default_top_p
-            if top_p is not None and top_p < 1:
-                ordered, order = scores.sort(descending=True)
-                probabilities = ordered.softmax(-1)
-                outside = probabilities.cumsum(-1) - probabilities > top_p  # keep the smallest set reaching p
-                ordered[outside] = -float("inf")
-                scores = torch.full_like(scores, -float("inf")).scatter(0, order, ordered)
-            probabilities = scores.softmax(-1)
-            tokens[row] = torch.multinomial(probabilities, 1, generator=request.generator)[0]
+            if request.params.temperature > 0 and not request.done:
+                tokens[row] = self._draw(logits[row], request)
         return tokens
+
+    def _draw(self, logits: Any, request: BatchRequest) -> Any:
+        """One sampled token: temperature, then top-k, top-p and min-p, from the row's own generator."""
+        import torch
+
+        params = request.params
+        scores = logits.float() / params.temperature
+        top_k = self.default_top_k if params.top_k is None else params.top_k
+        if 0 < top_k < scores.shape[-1]:
+            scores[scores < scores.topk(top_k).values[-1]] = -float("inf")
+        top_p = params.top_p if params.top_p is not None else self.default_top_p
+        if top_p is not None and top_p < 1:
+            ordered, order = scores.sort(descending=True)
+            probabilities = ordered.softmax(-1)
+            outside = probabilities.cumsum(-1) - probabilities > top_p  # keep the smallest set reaching p
+            ordered[outside] = -float("inf")
+            scores = torch.full_like(scores, -float("inf")).scatter(0, order, ordered)
+        probabilities = scores.softmax(-1)
+        if params.min_p > 0:
+            probabilities[probabilities < params.min_p * probabilities.max()] = 0
+        return torch.multinomial(probabilities, 1, generator=request.generator)[0]
 
     def _emit(self, request: BatchRequest, token: int) -> None:
         if request.done:
             return  # its constraint failed at this step
         request.generated += 1
-        if token in self.eos:
-            request.finish("stop")
+        count_token(request, token)
+        if token in self.eos and not request.params.ignore_eos:
+            request.finish("stop")  # end-of-text is not part of the answer, nor of its logprobs
             return
+        if request.scores is not None:
+            request.pending.append(self.texts.score(request.scores, token, request.params.logprobs or 0))
+            request.scores = None
         if request.constraint is not None:
             try:
                 request.constraint.advance(token)
             except ConstraintError as exc:
                 self._fail([request], exc, "constrained decoding")
                 return
-        text = request.decoder.push(token)
-        if text:
-            request.out.put(Delta(text))
+        request.put(request.decoder.push(token))
         if request.constraint is not None and request.constraint.complete:
             request.finish("stop")  # the output is whole: end now rather than spend a step on end-of-text
         elif request.generated >= request.params.max_new_tokens:
             request.finish("length")
 
     def _drop_cancelled(self) -> None:
-        if self.chunked is not None and self.chunked.request.cancel.is_set():
-            request, self.chunked = self.chunked.request, None  # before finish(): its reader may look at once
-            request.finish("cancelled")
+        if self.chunked is not None and all(r.stopped for r in self.chunked.family):
+            family, self.chunked = self.chunked.family, None  # before finish(): its reader may look at once
+            for request in family:
+                request.finish("cancelled")
         for request in self.active:
-            if request.cancel.is_set() and not request.done:
+            if request.stopped and not request.done:
                 request.finish("cancelled")  # stops at this step: its row is not computed again
         self._retire()
 
@@ -3156,26 +3847,43 @@ def batchable(loaded: LoadedModel) -> bool:
     return loaded.vision is None and not sliding and layer_types == {"full_attention"}
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """Choice 0 takes the request's seed as it is (n=1 is unchanged); the others seeds of their own, so that the
+    n choices differ from one another and a second call with the same seed repeats all of them."""
+    return seed if choice == 0 else (seed + choice * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
 def stream_batched(
-    scheduler: BatchScheduler, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
-) -> Iterator[EngineEvent]:
+    scheduler: BatchScheduler, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+    ends: Sequence[threading.Event] = (),
+) -> Iterator[EngineEvent]:  # fmt: skip
     import torch
 
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=scheduler.loaded.model.device)
-        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    constraint = prompt.grammar.start() if prompt.grammar is not None else None
-    request = BatchRequest(prompt.inputs["input_ids"], params, cancel, IncrementalDecoder(scheduler.loaded.tokenizer),
-                           generator, constraint)  # fmt: skip
-    scheduler.submit(request)
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    out: queue.Queue[object] = queue.Queue()
+    family: Family = []
+    for choice in range(params.n):
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=scheduler.loaded.model.device)
+            generator.manual_seed(choice_seed(seed, choice))
+        constraint = prompt.grammar.start() if prompt.grammar is not None else None
+        family.append(BatchRequest(prompt.inputs["input_ids"], params, cancel,
+                                   IncrementalDecoder(scheduler.loaded.tokenizer), generator, constraint, out, choice,
+                                   ends[choice] if choice < len(ends) else None))  # fmt: skip
+    scheduler.submit(family)
     try:
-        while (item := request.out.get()) is not _BATCH_END:
-            if isinstance(item, BaseException):
+        running = params.n
+        while running:
+            item = out.get()
+            if item is _BATCH_END:
+                running -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            else:
+                yield item  # type: ignore[misc]
     finally:
-        cancel.set()  # a reader that leaves takes its row out at the next step
+        cancel.set()  # a reader that leaves takes its rows out at the next step
 
 
 PROMPT_TAIL_TOKENS = 8  # enough of the rendered prompt's end to see a `<think>` the template opened
@@ -3231,6 +3939,7 @@ class TransformersEngine:
         self._scheduler: BatchScheduler | None = None
         self._scheduler_lock = threading.Lock()
         self._grammars: GrammarCompiler | None = None
+        self._texts: TokenTexts | None = None
 
     def is_loaded(self) -> bool:
         return self.handle.is_loaded
@@ -3253,6 +3962,7 @@ class TransformersEngine:
         import jinja2
 
         loaded, template = self.handle.get(), template or TemplateInputs()
+        check_logit_bias(params.logit_bias, vocab_size(loaded))
         refs = media_refs(messages)
         if refs and loaded.vision is None:
             raise BadRequest(f"model {self.model_name} does not accept images or videos", param=refs[0].param)
@@ -3292,16 +4002,43 @@ class TransformersEngine:
                 self._grammars = GrammarCompiler(loaded.tokenizer, vocab_size(loaded), eos_ids(loaded), timeout, size)
         return self._grammars
 
+    def prepare_text(self, prompt: str | list[int], params: GenerationParams) -> PreparedPrompt:
+        """A raw prompt (the legacy completions): text tokenized as it is, no chat template, or token ids."""
+        import torch
+
+        loaded = self.handle.get()
+        width = vocab_size(loaded)
+        check_logit_bias(params.logit_bias, width)
+        if isinstance(prompt, str):
+            ids = loaded.tokenizer(prompt)["input_ids"]
+            if not ids:
+                raise BadRequest("the prompt is empty", param="prompt")
+        else:
+            ids = prompt
+            if (bad := next((t for t in ids if not 0 <= t < width), None)) is not None:
+                raise BadRequest(f"prompt: token id {bad} is not in the vocabulary (0-{width - 1})", param="prompt")
+        input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.model.device)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        text = prompt if isinstance(prompt, str) else str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+        return PreparedPrompt(inputs, len(ids), text=text)
+
+    def texts(self, loaded: LoadedModel) -> TokenTexts:
+        with self._scheduler_lock:
+            if self._texts is None:
+                self._texts = TokenTexts(loaded.tokenizer)
+        return self._texts
+
     def stream(
-        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
-    ) -> Iterator[EngineEvent]:
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+        ends: Sequence[threading.Event] = (),
+    ) -> Iterator[EngineEvent]:  # fmt: skip
         """Text requests join the continuous batch; what it cannot take (images, sliding-window caches, or
-        BATCHING=off) runs its own `generate` with a TextIteratorStreamer."""
+        BATCHING=off) runs its own `generate`, a choice at a time. `ends[i]` ends choice i alone."""
         loaded = self.handle.get()
         scheduler = self.scheduler_for(loaded)
         if scheduler is not None:
-            return stream_batched(scheduler, prompt, params, cancel)
-        return infer_stream(loaded, prompt, params, cancel)
+            return stream_batched(scheduler, prompt, params, cancel, ends)
+        return infer_stream(loaded, self.texts(loaded), prompt, params, cancel, ends)
 
     def scheduler_for(self, loaded: LoadedModel) -> BatchScheduler | None:
         settings = self.handle.settings
@@ -3923,9 +4660,11 @@ class _Failure:
 
 
 async def drain_in_thread(
-    engine: Engine, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event
-) -> AsyncIterator[EngineEvent]:
-    """Bridges the blocking engine iterator, run in its own thread, to async code via an asyncio.Queue."""
+    engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams, cancel: threading.Event,
+    ends: Sequence[threading.Event] = (),
+) -> AsyncIterator[EngineEvent]:  # fmt: skip
+    """Bridges the blocking engine iterators, each run in its own thread, to async code via an asyncio.Queue.
+    Prompt p's n choices are the request's choices p*n ... p*n + n-1 (the legacy endpoint's list of prompts)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[object] = asyncio.Queue()
 
@@ -3933,25 +4672,33 @@ async def drain_in_thread(
         with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening anyway
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-    def pump() -> None:
+    def pump(prompt: PreparedPrompt, first: int) -> None:
         try:
-            for item in engine.stream(prompt, params, cancel):
-                post(item)
+            for item in engine.stream(prompt, params, cancel, ends[first : first + params.n]):
+                post(replace(item, choice=first + item.choice) if first else item)
         except BaseException as exc:
             post(_Failure(exc))
         finally:
             post(_END)
 
-    thread = threading.Thread(target=pump, name="engine-pump", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=pump, args=(prompt, p * params.n), name="engine-pump", daemon=True)
+               for p, prompt in enumerate(prompts)]  # fmt: skip
+    for thread in threads:
+        thread.start()
     try:
-        while (item := await events.get()) is not _END:
-            if isinstance(item, _Failure):
+        running = len(threads)
+        while running:
+            item = await events.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, _Failure):
                 raise item.exc
-            yield item  # type: ignore[misc]
+            else:
+                yield item  # type: ignore[misc]
     finally:
         cancel.set()  # deliberate: a runner that stops reading must not leave generate running
-        await asyncio.to_thread(thread.join, ENGINE_JOIN_TIMEOUT_SECONDS)  # when the runner ends, so has the model
+        for thread in threads:  # when the runner ends, so has the model
+            await asyncio.to_thread(thread.join, ENGINE_JOIN_TIMEOUT_SECONDS)
 
 
 def to_error_event(exc: BaseException) -> dict[str, Any]:
@@ -3986,72 +4733,112 @@ def limit_runtime(session: Session, max_seconds: float) -> asyncio.TimerHandle |
     return asyncio.get_running_loop().call_later(max_seconds, expire) if max_seconds > 0 else None
 
 
+@dataclass
+class ChoiceRun:
+    """One choice as the runner drives it: its renderer, stop strings, logprob alignment and end (set when its
+    stop string matched or its one call is done: that row alone stops)."""
+
+    renderer: Renderer
+    stop: StopMatcher
+    aligner: LogprobAligner = field(default_factory=LogprobAligner)
+    end: threading.Event = field(default_factory=threading.Event)
+    finished: Finished | None = None
+
+    def feed(self, item: Delta) -> list[str]:
+        text = self.stop.feed(item.text)
+        if item.logprobs or self.aligner.queue:
+            self.aligner.push(item.logprobs)
+            return self.renderer.encode(text, self.aligner.take(text))
+        return self.renderer.encode(text)
+
+    def close(self, finished: Finished, session: Session) -> list[str]:
+        """The held-back tail, then the finish: how it really ended (a stop string is `stop`, a call `tool_calls`,
+        a cancel `cancelled`, MAX_GENERATION_SECONDS `length`)."""
+        tail = self.stop.flush()
+        events = self.renderer.encode(tail, self.aligner.take(tail) + self.aligner.rest(self.stop.matched))
+        events += self.renderer.flush()
+        reason = finished.finish_reason
+        if session.cancel_requested:
+            reason = "cancelled"
+        elif session.time_limited:
+            reason = "length"
+        elif self.renderer.calls and (reason == "stop" or self.renderer.complete):
+            reason = "tool_calls"
+        elif self.stop.matched:
+            reason = "stop"
+        self.finished = Finished(reason, finished.completion_tokens, finished.choice)
+        return events + self.renderer.finish(self.finished)
+
+
 async def generate_into(
-    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
-    metrics: Metrics, max_seconds: float, chunks: Renderer,
-) -> Finished:  # fmt: skip
-    """Waits for a slot, then appends content chunks (or, for tools and reasoning, what `OutputParser` makes of the
-    text); returns how it finished. Stop strings end it early; so does the first call without parallel calls."""
-    stop, clock = StopMatcher(params.stop), DeltaClock(metrics)
-    finished = Finished("cancelled", 0)
+    session: Session, engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams,
+    gate: GenerationGate, metrics: Metrics, max_seconds: float, runs: list[ChoiceRun],
+) -> None:  # fmt: skip
+    """Waits for a slot, then appends each choice's chunks (or, for tools and reasoning, what `OutputParser` makes
+    of the text) as its deltas come, and its finish as soon as it ends. Stop strings end a choice early; so does
+    its first call without parallel calls."""
+    clock = DeltaClock(metrics)
     async with gate.slot(session.cancelled) as acquired:
         if not acquired:
-            return finished  # cancelled while queued: the model never ran
+            return  # cancelled while queued: the model never ran
         session.set_state(SessionState.RUNNING)
         timer = limit_runtime(session, max_seconds)
         try:
-            async for item in drain_in_thread(engine, prompt, params, session.cancel):
+            async for item in drain_in_thread(engine, prompts, params, session.cancel, [run.end for run in runs]):
+                run = runs[item.choice]
                 if isinstance(item, Finished):
-                    finished = item
-                    continue
-                text = stop.feed(item.text)
-                if text:
-                    clock.tick()
-                    for chunk in chunks.encode(text):
+                    metrics.tokens.inc(item.completion_tokens)
+                    for chunk in run.close(item, session):
                         session.append(chunk)
-                if stop.matched or chunks.complete:
-                    session.cancel.set()  # the rest is past the stop string (or the one call): stop the model too
+                    continue
+                chunks = run.renderer.echo(item.scores) if isinstance(item, PromptScores) else run.feed(item)
+                if chunks:
+                    clock.tick()
+                for chunk in chunks:
+                    session.append(chunk)
+                if run.stop.matched or run.renderer.complete:
+                    run.end.set()  # the rest is past the stop string (or the one call): stop this row too
         finally:
             if timer is not None:
                 timer.cancel()
-    for chunk in chunks.encode(stop.flush()) + chunks.flush():
-        session.append(chunk)
-    metrics.tokens.inc(finished.completion_tokens)
-    if session.cancel_requested:
-        return Finished("cancelled", finished.completion_tokens)
-    if session.time_limited:
-        return Finished("length", finished.completion_tokens)
-    if chunks.calls and (finished.finish_reason == "stop" or chunks.complete):
-        return Finished("tool_calls", finished.completion_tokens)
-    return Finished("stop", finished.completion_tokens) if stop.matched else finished
 
 
 async def run_generation(
-    session: Session, engine: Engine, prompt: PreparedPrompt, params: GenerationParams, gate: GenerationGate,
-    metrics: Metrics, max_seconds: float,
+    session: Session, engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams,
+    gate: GenerationGate, metrics: Metrics, max_seconds: float,
 ) -> None:  # fmt: skip
-    """Drives one generation into one session, through its protocol's renderer: (chat) role chunk, content
-    deltas, finish, usage, or (Responses) created ... completed; then [DONE], the session's end marker."""
-    started, renderer = time.perf_counter(), make_renderer(session.meta, prompt.output)
-    for event in renderer.start():
-        session.append(event)
-    try:
-        finished = await generate_into(session, engine, prompt, params, gate, metrics, max_seconds, renderer)
-        for event in renderer.finish(finished, prompt.prompt_tokens):
+    """Drives one generation into one session, through its protocol's renderers (one per choice): (chat) role
+    chunks, content deltas, a finish per choice, usage, or (Responses) created ... completed; then [DONE], the
+    session's end marker."""
+    started, output = time.perf_counter(), prompts[0].output
+    prompt_tokens = sum(prompt.prompt_tokens for prompt in prompts)
+    choices = params.n * len(prompts)
+    runs = [ChoiceRun(make_renderer(session.meta, output, i), StopMatcher(params.stop)) for i in range(choices)]
+    for run in runs:
+        for event in run.renderer.start():
             session.append(event)
-        cancelled = finished.finish_reason == "cancelled"
+    try:
+        await generate_into(session, engine, prompts, params, gate, metrics, max_seconds, runs)
+        for index, run in enumerate(runs):
+            if run.finished is None:  # cancelled while queued, or the engine ended without a word
+                for event in run.close(Finished("cancelled", 0, index), session):
+                    session.append(event)
+        completion_tokens = sum(run.finished.completion_tokens for run in runs if run.finished is not None)
+        for event in runs[0].renderer.close(prompt_tokens, completion_tokens):
+            session.append(event)
+        cancelled = all(run.finished is not None and run.finished.finish_reason == "cancelled" for run in runs)
         final_state = SessionState.CANCELLED if cancelled else SessionState.FINISHED
         log.info(
             "session %s %s: %d prompt + %d completion tokens in %.2f s",
             session.id,
-            finished.finish_reason,
-            prompt.prompt_tokens,
-            finished.completion_tokens,
+            ",".join(run.finished.finish_reason for run in runs if run.finished is not None),
+            prompt_tokens,
+            completion_tokens,
             time.perf_counter() - started,
         )
     except Exception as exc:
         log.exception("session %s failed", session.id)
-        for event in renderer.failure(to_error_event(exc)):
+        for event in runs[0].renderer.failure(to_error_event(exc)):
             session.append(event)
         final_state = SessionState.FAILED
     session.finish(final_state)
@@ -4194,9 +4981,12 @@ async def current_response(session: Session) -> dict[str, Any]:
     return fold_response(json.loads(session.meta.response_json), events)
 
 
-async def collect_completion(session: Session, watch: DisconnectWatch) -> ChatCompletion:
+async def collect_completion(session: Session, watch: DisconnectWatch) -> ChatCompletion | TextCompletion:
     events = read_session(session, -1, READ_WAIT_SECONDS, watch, ReadCursor())  # holds from 0 before any await
-    return fold_completion(session.meta, [event.data async for event in events])
+    data = [event.data async for event in events]
+    if session.meta.protocol == "completions":
+        return fold_text_completion(session.meta, data)
+    return fold_completion(session.meta, data)
 
 
 # ==== 10. HTTP ===============================================================================================
@@ -4248,15 +5038,54 @@ Owner = Annotated[str, Depends(request_owner)]
 
 async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str) -> Session:
     """Validates, loads, templates and admits one request, then starts its runner. Raises APIError."""
-    if request.session_id and (existing := await state.store.find(request.session_id, owner)):
+
+    def meta(params: GenerationParams, prompts: list[PreparedPrompt]) -> StreamMeta:
+        include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
+        return StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name,
+                          include_usage)  # fmt: skip
+
+    async def prepare() -> tuple[GenerationParams, list[PreparedPrompt]]:
+        params, prompt = await prepare_chat(state, request)
+        return params, [prompt]
+
+    return await start_generation(state, request.session_id, owner, prepare, meta, request.model_dump_json())
+
+
+async def start_generation(
+    state: AppState, session_id: str | None, owner: str,
+    prepare: Callable[[], Awaitable[tuple[GenerationParams, list[PreparedPrompt]]]],
+    meta: Callable[[GenerationParams, list[PreparedPrompt]], StreamMeta], request_json: str,
+) -> Session:  # fmt: skip
+    """What chat and legacy completions share: a retry of a named session attaches to it, else the request is
+    prepared, admitted and launched."""
+    if session_id and (existing := await state.store.find(session_id, owner)):
         return existing  # an SDK retry of a named session attaches to it: never generate twice
-    params, prompt = await prepare_chat(state, request)
-    if request.session_id and (existing := state.store.peek(request.session_id, owner)):
+    params, prompts = await prepare()
+    if session_id and (existing := state.store.peek(session_id, owner)):
         return existing  # created by a concurrent request while we prepared (no await from here to create)
     state.gate.admit()
-    include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
-    meta = StreamMeta(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name, include_usage)
-    return launch(state, meta, request.session_id, request.model_dump_json(), owner, prompt, params)
+    return launch(state, meta(params, prompts), session_id, request_json, owner, prompts, params)
+
+
+async def start_completion(state: AppState, request: CompletionRequest, owner: str) -> Session:
+    """The legacy endpoint: each prompt tokenized as it is (no chat template), its n choices in one session."""
+    raw_prompts = to_prompt_list(request.prompt)
+
+    def meta(params: GenerationParams, prompts: list[PreparedPrompt]) -> StreamMeta:
+        include_usage = not request.stream or bool(request.stream_options and request.stream_options.include_usage)
+        echo = json.dumps([p.text for p in prompts for _ in range(params.n)]) if request.echo else ""
+        return StreamMeta(f"cmpl-{secrets.token_hex(12)}", int(time.time()), state.engine.model_name,
+                          include_usage, "completions", echo_json=echo)  # fmt: skip
+
+    async def prepare() -> tuple[GenerationParams, list[PreparedPrompt]]:
+        params = to_completion_params(request, state.settings)
+        await asyncio.to_thread(state.engine.load)
+        prompts = [await asyncio.to_thread(state.engine.prepare_text, raw, params) for raw in raw_prompts]
+        context, limit = state.engine.context_length(), state.settings.max_prompt_tokens
+        fitted = [fit_to_context(params, prompt.prompt_tokens, context, limit) for prompt in prompts]
+        return min(fitted, key=lambda p: p.max_new_tokens), prompts
+
+    return await start_generation(state, request.session_id, owner, prepare, meta, request.model_dump_json())
 
 
 async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple[GenerationParams, PreparedPrompt]:
@@ -4275,12 +5104,14 @@ async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple
 
 
 def launch(state: AppState, meta: StreamMeta, session_id: str | None, request_json: str, owner: str,
-           prompt: PreparedPrompt, params: GenerationParams) -> Session:  # fmt: skip
+           prompts: list[PreparedPrompt], params: GenerationParams) -> Session:  # fmt: skip
     """Creates the session (admitted already) and starts its runner: it runs whether or not anyone reads."""
     session = state.store.create(meta, session_id, request_json, owner)
-    log.info("session %s started: %d prompt tokens (%s)", session.id, prompt.prompt_tokens, meta.protocol)
+    tokens = sum(prompt.prompt_tokens for prompt in prompts)
+    log.info("session %s started: %d prompt tokens, %d choices (%s)", session.id, tokens,
+             params.n * len(prompts), meta.protocol)  # fmt: skip
     max_seconds = state.settings.max_generation_seconds
-    state.spawn(run_generation(session, state.engine, prompt, params, state.gate, state.metrics, max_seconds))
+    state.spawn(run_generation(session, state.engine, prompts, params, state.gate, state.metrics, max_seconds))
     return session
 
 
@@ -4299,7 +5130,7 @@ async def start_response(state: AppState, request: ResponsesRequest, owner: str)
     asked = history + to_chat_messages(request)  # deliberate: without `instructions`, which are not carried over
     meta = StreamMeta(response_id, created, model, True, "responses", json.dumps(response), json.dumps(asked),
                       json.dumps(to_input_items(request)), background=bool(request.background))  # fmt: skip
-    return launch(state, meta, response_id, request.model_dump_json(by_alias=True), owner, prompt, params)
+    return launch(state, meta, response_id, request.model_dump_json(by_alias=True), owner, [prompt], params)
 
 
 async def find_response(state: AppState, response_id: str, owner: str, param: str = "response_id") -> Session:
@@ -4342,6 +5173,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 async def parse_chat_request(request: Request, max_bytes: int) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
+
+
+async def parse_completion_request(request: Request, max_bytes: int) -> CompletionRequest:
+    return CompletionRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
 
 
 class EventStream(EventSourceResponse):
@@ -4541,6 +5376,15 @@ def stream_responses() -> dict[int | str, dict[str, Any]]:
             **ERROR_RESPONSES}  # fmt: skip
 
 
+def completions_responses() -> dict[int | str, dict[str, Any]]:
+    responses = chat_responses()
+    json_body = {"schema": {"$ref": "#/components/schemas/TextCompletion"}}
+    sse = {"text/event-stream": {"schema": {"$ref": "#/components/schemas/TextCompletion"}}}
+    responses[200] = {"description": "A TextCompletion, or with `stream: true` an SSE stream of its chunks",
+                      "content": {"application/json": json_body, **sse}}  # fmt: skip
+    return responses
+
+
 def chat_responses() -> dict[int | str, dict[str, Any]]:
     stream = sse_content("with `stream: true` (or a Last-Event-ID resume): SSE of ChatCompletionChunk")
     json_body = {"schema": {"$ref": "#/components/schemas/ChatCompletion"}}
@@ -4560,20 +5404,22 @@ def document_our_statuses(responses: dict[str, Any]) -> None:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """The chat route reads its body itself (a resume may send none), so its schema is added here, with
-    examples, for clients and for the fuzzer."""
+    """The chat and completions routes read their bodies themselves (a resume may send none), so their schemas
+    are added here, with examples, for clients and for the fuzzer."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk):  # not named by any route
+        for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, CompletionRequest, TextCompletion):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
         content = {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}
         schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": False, "content": content}
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}}
+        schema["paths"]["/v1/completions"]["post"]["requestBody"] = {"required": False, "content": content}
         for operation in (op for ops in schema["paths"].values() for op in ops.values()):
             document_our_statuses(operation["responses"])
         components.pop("HTTPValidationError", None)
@@ -4661,6 +5507,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return sse_response(state, session, resume[1])
         body = await parse_chat_request(request, settings.max_request_bytes)
         session = await start_chat(state, body, owner)
+        if body.stream:
+            return sse_response(state, session, -1)
+        completion = await collect_completion(session, state.watch)
+        return Response(
+            completion.model_dump_json(), media_type="application/json", headers={"X-Session-Id": session.id}
+        )
+
+    @app.post("/v1/completions", response_model=None, responses=completions_responses())
+    async def completions(request: Request, owner: Owner, last_event_id: str | None = None) -> Response:
+        """The legacy endpoint: sessions, streaming, resume and cancel as chat completions."""
+        resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
+        if resume is not None:
+            session = await state.store.get(resume[0], owner)
+            metrics.resumes.inc()
+            return sse_response(state, session, resume[1])
+        body = await parse_completion_request(request, settings.max_request_bytes)
+        session = await start_completion(state, body, owner)
         if body.stream:
             return sse_response(state, session, -1)
         completion = await collect_completion(session, state.watch)

@@ -12,7 +12,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal  # Literal: the SDK reads the tool's hints from these globals
 
@@ -140,25 +140,38 @@ class ScriptedEngine:
         self.prompts.append(messages)
         return main.PreparedPrompt(inputs=messages, prompt_tokens=self.prompt_tokens)
 
+    def prepare_text(self, prompt: str | list[int], params: main.GenerationParams) -> main.PreparedPrompt:
+        text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        return main.PreparedPrompt(inputs=text, prompt_tokens=self.prompt_tokens, text=text)
+
     def stream(
-        self, prompt: main.PreparedPrompt, params: main.GenerationParams, cancel: threading.Event
-    ) -> Iterator[main.EngineEvent]:
+        self, prompt: main.PreparedPrompt, params: main.GenerationParams, cancel: threading.Event,
+        ends: Sequence[threading.Event] = (),
+    ) -> Iterator[main.EngineEvent]:  # fmt: skip
+        """Each of the n choices in turn, the same tokens; `ends[i]` ends choice i as the real engine does."""
         self.active_threads += 1
         try:
-            produced = 0
-            for token in self.tokens[: params.max_new_tokens]:
-                if cancel.is_set():
-                    yield main.Finished("cancelled", produced)
-                    return
-                if self.fail_stream_after is not None and produced >= self.fail_stream_after:
-                    raise RuntimeError("scripted failure with secret internals /home/user/model.bin")
-                time.sleep(self.delay_seconds)
-                produced += 1
-                yield main.Delta(token)
-            limited = len(self.tokens) >= params.max_new_tokens
-            yield main.Finished("length" if limited else "stop", produced)
+            for choice in range(params.n):
+                end = ends[choice] if choice < len(ends) else threading.Event()
+                yield from self._choice(params, cancel, end, choice)
         finally:
             self.active_threads -= 1
+
+    def _choice(
+        self, params: main.GenerationParams, cancel: threading.Event, end: threading.Event, choice: int
+    ) -> Iterator[main.EngineEvent]:
+        produced = 0
+        for token in self.tokens[: params.max_new_tokens]:
+            if cancel.is_set() or end.is_set():
+                yield main.Finished("cancelled", produced, choice)
+                return
+            if self.fail_stream_after is not None and produced >= self.fail_stream_after:
+                raise RuntimeError("scripted failure with secret internals /home/user/model.bin")
+            time.sleep(self.delay_seconds)
+            produced += 1
+            yield main.Delta(token, choice)
+        limited = len(self.tokens) >= params.max_new_tokens
+        yield main.Finished("length" if limited else "stop", produced, choice)
 
 
 # ---- tiny real models ------------------------------------------------------------------------------------------

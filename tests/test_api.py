@@ -109,7 +109,7 @@ def test_messages_reach_the_engine_in_template_form() -> None:
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
-        ({"messages": HELLO, "n": 2}, "n", "only n=1 is supported"),
+        ({"messages": HELLO, "n": 9}, "n", "n must be at most 8 on this server (MAX_N, MAX_BATCH_SIZE)"),
         ({"messages": []}, "messages", "messages: List should have at least 1 item after validation, not 0"),
         ({}, "messages", "messages: Field required"),
         ({"messages": HELLO, "temperature": 3}, "temperature", "temperature: Input should be less than or equal to 2"),
@@ -278,6 +278,7 @@ def test_openapi_documents_every_response_of_every_route() -> None:
                                                       for kind, body in content.items()}  # fmt: skip
     assert documented == {
         "POST /v1/chat/completions": {"application/json": "ChatCompletion", "text/event-stream": "ChatCompletionChunk"},
+        "POST /v1/completions": {"application/json": "TextCompletion", "text/event-stream": "TextCompletion"},
         "GET /v1/sessions/{session_id}/events": {"text/event-stream": "ChatCompletionChunk"},
         "GET /v1/sessions/{session_id}": {"application/json": "SessionInfo"},
         "POST /v1/cancel/{session_id}": {"application/json": "CancelResult"},

@@ -343,9 +343,9 @@ def record_prefill_groups(scheduler: main.BatchScheduler) -> list[list[int]]:
     groups: list[list[int]] = []
     prefill = scheduler._prefill
 
-    def recording_prefill(requests: list[main.BatchRequest]) -> None:
-        groups.append([int(r.input_ids.shape[1]) for r in requests])
-        prefill(requests)
+    def recording_prefill(group: list[main.Family]) -> None:
+        groups.append([int(family[0].input_ids.shape[1]) for family in group])
+        prefill(group)
 
     scheduler._prefill = recording_prefill  # type: ignore[method-assign]
     return groups
@@ -501,10 +501,10 @@ def test_a_failed_prefill_fails_only_its_group(tiny_model_dir: Path, reference: 
     joined = threading.Event()
     prefill = scheduler._prefill
 
-    def prefill_failing_once_others_decode(requests: list[main.BatchRequest]) -> None:
+    def prefill_failing_once_others_decode(group: list[main.Family]) -> None:
         if joined.is_set():
             raise RuntimeError("prefill broke")
-        prefill(requests)
+        prefill(group)
         joined.set()
 
     scheduler._prefill = prefill_failing_once_others_decode  # type: ignore[method-assign]

@@ -253,7 +253,7 @@ def test_metrics_count_requests_tokens_resumes_and_cancels() -> None:
     with keyed_client(engine, api_key="") as client:
         for _ in range(2):
             client.post("/v1/chat/completions", json={"messages": QUESTION})
-        client.post("/v1/chat/completions", json={"messages": QUESTION, "n": 3})
+        client.post("/v1/chat/completions", json={"messages": QUESTION, "n": 99})
         sid = client.post("/v1/chat/completions", json={"messages": QUESTION}).headers["x-session-id"]
         client.get(f"/v1/sessions/{sid}/events", headers={"Last-Event-ID": f"{sid}:1"})
         client.post(f"/v1/cancel/{sid}")

@@ -70,7 +70,7 @@ def test_models_list_and_retrieve_serve_the_folder_name_not_its_path(
 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
-    [({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"messages": []}, "messages")],
+    [({"n": 99}, "n"), ({"temperature": 5}, "temperature"), ({"messages": []}, "messages")],
 )
 def test_bad_requests_raise_bad_request_error(tiny_server: LiveServer, kwargs: dict[str, object], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:

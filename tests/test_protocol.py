@@ -195,7 +195,17 @@ def test_to_generation_params(fields: dict[str, Any], expected: main.GenerationP
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"), [({"n": 2}, "n"), ({"n": 0}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")]
+    ("fields", "param"),
+    [
+        ({"n": 9}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ],
 )
 def test_to_generation_params_rejects(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(main.BadRequest) as caught:

@@ -84,7 +84,7 @@ def render(pieces: list[str], finished: main.Finished, output: main.OutputFormat
     out = events.start()
     for text in pieces:
         out += events.encode(text)
-    return out + events.flush() + events.finish(finished, 7)
+    return out + events.flush() + events.finish(finished) + events.close(7, finished.completion_tokens)
 
 
 TEXT_TYPES = ["response.created", "response.in_progress", "response.output_item.added",
