@@ -3290,6 +3290,7 @@ def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bo
 
 
 @functools.cache
+@functools.cache
 def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, character -> byte: the tokens of Qwen, SmolLM2 and Llama 3 are written
     in it (a space is "Ġ"), so a token's raw bytes, half a character included, are read straight off its text."""

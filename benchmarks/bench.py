@@ -47,6 +47,10 @@ STORY_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"name
 STORY_TOOL = {"type": "function", "function": {"name": "write_story", "description": "Publishes a story",
                                                "parameters": STORY_SCHEMA}}  # fmt: skip
 TOOL_FORMAT = {"tools": [STORY_TOOL], "tool_choice": "required"}
+# ignore_eos: a penalized stream may end early, and one that did would leave the others a smaller batch
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "ignore_eos": True}
+SAMPLING_ROWS = [("top_logprobs=5", {"logprobs": True, "top_logprobs": 5}),
+                 ("penalties (presence, frequency, repetition; ignore_eos)", PENALTIES)]  # fmt: skip
 TOOL_TEMPLATE = ROOT / "tests" / "templates" / "Qwen3-4B-Instruct-2507.jinja"  # renders tools; SmolLM2's does not
 START_TIMEOUT_SECONDS = 300
 REQUEST_TIMEOUT_SECONDS = 600
@@ -476,6 +480,14 @@ def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str
                               ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))])  # fmt: skip
 
 
+def measure_choices(url: str, n: int, new_tokens: int, runs: int) -> float:
+    """Aggregate tok/s (median) of one streamed request with `n` choices; usage counts every choice."""
+    body = {**chat_body(0, new_tokens), "n": n}
+    stream_chat(url, body)  # warm-up
+    results = [stream_chat(url, body) for _ in range(runs)]
+    return statistics.median(r.tokens / (r.end - r.sent) for r in results)
+
+
 def measure_joining(url: str, others: int, new_tokens: int, runs: int) -> float:
     """TTFT (median) of a request sent once `others` streams are all decoding: it should wait for at most one
     decode step plus its own prefill, not for the others to finish."""
@@ -597,6 +609,14 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
         report.add(f"json_schema aggregate tok/s, {top} concurrent", f"{constrained.aggregate_tok_s:.1f}",
                    f"{ratio(constrained.aggregate_tok_s, top_figures.aggregate_tok_s)} of {top} free streams "
                    "(goal >= 0.85)")  # fmt: skip
+        for label, extra in SAMPLING_ROWS:
+            figures = measure_concurrency(ours.url, top, args.new_tokens, args.runs, extra=extra)
+            share = ratio(figures.aggregate_tok_s, top_figures.aggregate_tok_s)
+            report.add(f"{label} aggregate tok/s, {top} concurrent", f"{figures.aggregate_tok_s:.1f}",
+                       f"{share} of {top} plain streams")  # fmt: skip
+        choices = measure_choices(ours.url, top, args.new_tokens, args.runs)
+        report.add(f"one request with n={top}, aggregate tok/s", f"{choices:.1f}",
+                   f"{ratio(choices, top_figures.aggregate_tok_s)} of {top} plain streams (one prefill)")  # fmt: skip
         responses_single, responses_top = measure_responses(ours.url, top, args.new_tokens, args.runs)
         report.add("/v1/responses decode tok/s, 1 stream", f"{responses_single:.1f}",
                    f"{ratio(responses_single, single_tok_s)} of chat completions (goal: within 5%)")  # fmt: skip

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
+import torch
+import transformers
 
 import main
+from conftest import LiveServer, make_settings
 
 
 def score(text: str, logprob: float = -0.5) -> main.TokenScore:
@@ -103,3 +111,213 @@ def test_legacy_chunks_fold_with_offsets_from_the_echoed_prompt() -> None:
     assert (choice.text, choice.finish_reason) == ("Hi there", "length")
     assert choice.logprobs == main.LegacyLogprobs(tokens=["Hi", " there"], token_logprobs=[None, -0.5],
                                                   top_logprobs=[None, {}], text_offset=[0, 2])  # fmt: skip
+
+
+# ---- SmolLM2 through a live server and the openai client (both decode paths) ----------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS = "The capital of France is Paris."
+TOLERANCE = 2e-4  # float32: a batched step and a one-row forward pass differ in the last bits
+
+
+@pytest.fixture(scope="module", params=["auto", "off"])
+def server(request: pytest.FixtureRequest, smollm2_dir: Path) -> Iterator[LiveServer]:
+    """A live server per decode path: BATCHING=auto (the continuous batch) and off (`generate`, choices in turn)."""
+    settings = make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", temperature=0, max_tokens=32,
+                             batching=request.param)  # fmt: skip
+    with LiveServer(main.create_app(settings)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path) -> tuple[Any, Any]:
+    """The model and tokenizer loaded by plain transformers: the forward pass the server's numbers must match."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def client_for(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def log_softmax(model: Any, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab]: row i is the distribution of the token after ids[: i + 1]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def vocabulary_ids(tokenizer: Any, keep: Callable[[str], bool]) -> list[int]:
+    return [i for i in range(len(tokenizer)) if keep(tokenizer.decode([i]))]
+
+
+@pytest.mark.slow
+def test_smollm2_chat_logprobs_are_the_forward_pass_of_the_greedy_tokens(
+    server: LiveServer, reference: tuple[Any, Any]
+) -> None:
+    model, tokenizer = reference
+    completion = client_for(server).chat.completions.create(
+        model="m",
+        messages=QUESTION,
+        logprobs=True,
+        top_logprobs=5,  # type: ignore[arg-type]
+    )
+    choice = completion.choices[0]
+    assert choice.message.content == PARIS
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    entries = choice.logprobs.content
+    assert b"".join(bytes(e.bytes or []) for e in entries).decode() == PARIS
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert completion.usage is not None and completion.usage.prompt_tokens == len(ids)
+    for entry in entries:
+        assert len(entry.top_logprobs) == 5
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert entry.logprob == tops[0] == max(tops) and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        expected = log_softmax(model, ids)[-1]
+        values, chosen = expected.topk(5)
+        assert tokenizer.decode([int(chosen[0])]) == entry.token
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in chosen]
+        assert tops == pytest.approx(values.tolist(), abs=TOLERANCE)
+        ids.append(int(chosen[0]))
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_logprobs_are_the_json_ones(server: LiveServer) -> None:
+    client = client_for(server)
+    completion = client.chat.completions.create(model="m", messages=QUESTION, logprobs=True, top_logprobs=2)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(model="m", messages=QUESTION, logprobs=True, top_logprobs=2,  # type: ignore[arg-type]
+                                                 stream=True))  # fmt: skip
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content or []]
+    assert completion.choices[0].logprobs is not None
+    assert [(e.token, e.bytes) for e in streamed] == [
+        (e.token, e.bytes) for e in completion.choices[0].logprobs.content or []
+    ]
+    assert [e.logprob for e in streamed] == pytest.approx(
+        [e.logprob for e in completion.choices[0].logprobs.content or []]
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_logit_bias_bans_paris_and_forces_a_token(server: LiveServer, reference: tuple[Any, Any]) -> None:
+    _, tokenizer = reference
+    client = client_for(server)
+    banned = vocabulary_ids(tokenizer, lambda text: text.startswith(" Paris"))
+    assert banned
+    completion = client.chat.completions.create(model="m", messages=QUESTION, logit_bias={str(i): -100 for i in banned})
+    assert "Paris" not in (completion.choices[0].message.content or "")
+    forced = tokenizer.encode(" banana")
+    assert len(forced) == 1
+    completion = client.chat.completions.create(
+        model="m", messages=QUESTION, max_tokens=4, logit_bias={str(forced[0]): 100}
+    )
+    assert completion.choices[0].message.content == " banana" * 4
+    assert completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_smollm2_frequency_penalty_ends_a_repetition(server: LiveServer) -> None:
+    client = client_for(server)
+    ask = [{"role": "user", "content": "Say the word hello twenty times."}]
+    plain = client.chat.completions.create(model="m", messages=ask, frequency_penalty=0)  # type: ignore[arg-type]
+    penalized = client.chat.completions.create(model="m", messages=ask, frequency_penalty=2)  # type: ignore[arg-type]
+    assert (plain.choices[0].message.content or "").lower().count("hello") >= 10
+    assert plain.choices[0].finish_reason == "length"
+    assert (penalized.choices[0].message.content or "").lower().count("hello") <= 3
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=ask, frequency_penalty=2.5)  # type: ignore[arg-type]
+    assert caught.value.status_code == 400 and caught.value.param == "frequency_penalty"
+
+
+@pytest.mark.slow
+def test_smollm2_n_choices_are_identical_greedy_and_reproducible_with_a_seed(server: LiveServer) -> None:
+    client = client_for(server)
+    greedy = client.chat.completions.create(model="m", messages=QUESTION, n=3)  # type: ignore[arg-type]
+    assert [(c.index, c.message.content, c.finish_reason) for c in greedy.choices] == [
+        (i, PARIS, "stop") for i in range(3)]  # fmt: skip
+    assert greedy.usage is not None and greedy.usage.completion_tokens == 3 * 8  # every choice counts
+    sampled = dict(model="m", messages=QUESTION, n=3, temperature=1, seed=7, max_tokens=12)
+    first = client.chat.completions.create(**sampled)  # type: ignore[call-overload]
+    again = client.chat.completions.create(**sampled)  # type: ignore[call-overload]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1
+    chunks = list(client.chat.completions.create(**sampled, stream=True, stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for delta in chunk.choices:
+            streamed[delta.index] += delta.delta.content or ""
+    assert streamed == texts
+    assert chunks[-1].usage == first.usage
+
+
+@pytest.mark.slow
+def test_smollm2_completions_echo_logprobs_are_the_forward_pass(server: LiveServer, reference: tuple[Any, Any]) -> None:
+    model, tokenizer = reference
+    prompt = "The capital of France is"
+    completion = client_for(server).completions.create(model="m", prompt=prompt, echo=True, logprobs=1, max_tokens=4)
+    choice = completion.choices[0]
+    assert choice.logprobs is not None and choice.finish_reason == "length"
+    tokens, logprobs = choice.logprobs.tokens or [], choice.logprobs.token_logprobs or []
+    ids = tokenizer.encode(prompt)
+    assert completion.usage is not None and (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        len(ids),
+        4,
+    )
+    assert choice.text == "".join(tokens) and choice.text.startswith(prompt) and len(tokens) == len(ids) + 4
+    assert choice.logprobs.text_offset == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert logprobs[0] is None and (choice.logprobs.top_logprobs or [])[0] is None
+    for _ in range(4):  # the greedy continuation, extended one token at a time
+        ids.append(int(log_softmax(model, ids)[-1].argmax()))
+    expected = log_softmax(model, ids)
+    assert tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs[1:] == pytest.approx([float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_smollm2_completions_stream_and_resume(server: LiveServer) -> None:
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "stream": True, "logprobs": 1}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        sid = response.headers["x-session-id"]
+        events = [(i, d) for i, d in sse(response)]
+    assert events[-1][1] == "[DONE]" and [i for i, _ in events] == [f"{sid}:{k}" for k in range(len(events))]
+    pieces = [json.loads(d)["choices"] for _, d in events[:-1]]
+    text = "".join(c["text"] for cs in pieces for c in cs)
+    json_answer = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=60).json()
+    assert text == json_answer["choices"][0]["text"] and len(text) > 0
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", headers={"Last-Event-ID": f"{sid}:2"}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert [(i, d) for i, d in sse(response)] == events[3:]
+
+
+def sse(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
+    event_id: str | None = None
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("text", "splits"), [("日本語 and 😀 ok", True), ("café crème", False), (" Paris.", False)])
+def test_smollm2_token_bytes_join_to_the_text_even_mid_character(
+    reference: tuple[Any, Any], text: str, splits: bool
+) -> None:
+    _, tokenizer = reference
+    texts = main.TokenTexts(tokenizer)
+    pieces = [texts.lookup(i) for i in tokenizer.encode(text)]
+    assert b"".join(raw for _, raw in pieces) == text.encode()
+    assert any(not is_utf8(raw) for _, raw in pieces) == splits  # half a character keeps its raw bytes
+    assert texts.lookup(tokenizer.eos_token_id) == ("<|im_end|>", b"")  # a special token adds no bytes
+
+
+def is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
