@@ -57,6 +57,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ import time
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
@@ -162,6 +163,9 @@ class Settings:
     persist_sessions: bool = False
     sessions_db_path: str = "sessions.db"
     sessions_ttl_seconds: float = 3600.0
+    restart_sessions: str = "continue"  # with persistence: a restart continues running sessions, or interrupts them
+    continue_max_attempts: int = 2  # continuations of one session (each restart is one); then it is interrupted
+    continue_max_age_seconds: float = 3600.0  # a session older than this at restart is interrupted, not continued
     cancel_after_disconnect_seconds: float = 3600.0  # 0 disables the auto-cancel
     session_buffer_events: int = 4096
     max_sessions: int = 1024
@@ -196,6 +200,9 @@ class Settings:
             ("prefill_batch_tokens", self.prefill_batch_tokens >= 0, "0 or more"),
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
             ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
+            ("restart_sessions", self.restart_sessions in ("continue", "interrupt"), "continue or interrupt"),
+            ("continue_max_attempts", self.continue_max_attempts >= 0, "0 or more"),
+            ("continue_max_age_seconds", self.continue_max_age_seconds > 0, "more than 0"),
             ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
             ("session_buffer_events", self.session_buffer_events >= 16, "at least 16"),
             ("max_sessions", self.max_sessions >= 1, "at least 1"),
@@ -748,6 +755,7 @@ class Health(BaseModel):
     generations_queued: int
     sessions: int
     persistence: str
+    sessions_continued: int = 0  # unfinished sessions this process continued at start-up (PERSIST_SESSIONS=1)
 
 
 class Ready(BaseModel):
@@ -1610,6 +1618,18 @@ def new_call_id() -> str:
     return f"call_{secrets.token_hex(12)}"
 
 
+def derived_id(prefix: str, scope: str, n: int) -> str:
+    """The n-th id a renderer hands out within `scope` (a completion's choice, a response): unique as its scope
+    is, and the same when a restart's replay makes the same events again, so continued chunks name what the
+    client already saw."""
+    return f"{prefix}_{hashlib.sha256(f'{scope}:{n}'.encode()).hexdigest()[:24]}"
+
+
+def id_sequence(prefix: str, scope: str) -> Callable[[], str]:
+    counter = itertools.count()
+    return lambda: derived_id(prefix, scope, next(counter))
+
+
 class OutputParser:
     """Splits a model's text, delta by delta, into content, reasoning (`<think>...</think>`) and tool calls
     (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`). It holds back what may be the start of a tag, so no
@@ -1800,7 +1820,8 @@ class AnswerChunks:
 
     def __init__(self, meta: StreamMeta, output: OutputFormat, index: int = 0) -> None:
         self.meta, self.index, self.content = meta, index, ContentChunks(meta, index)
-        self.parser = OutputParser(output) if output.tool_calls or output.reasoning != "off" else None
+        parses = output.tool_calls or output.reasoning != "off"
+        self.parser = OutputParser(output, id_sequence("call", f"{meta.completion_id}:{index}")) if parses else None
         self.scores: list[TokenScore] = []  # scored tokens whose text made no chunk yet
 
     @property
@@ -1985,7 +2006,7 @@ class ResponsesEvents:
 
     def __init__(self, response: dict[str, Any], output: OutputFormat) -> None:
         self.response = response
-        self.parser = OutputParser(output)
+        self.parser = OutputParser(output, id_sequence("call", response["id"]))
         self.sequence = 0
         self.items: list[dict[str, Any]] = []  # the output so far; the last may be open
         self.open: str | None = None  # the type of the open item: "message", "function_call", "reasoning"
@@ -2059,10 +2080,10 @@ class ResponsesEvents:
             item = {"id": f"fc_{piece.call_id.removeprefix('call_')}", "type": "function_call",
                     "status": "in_progress", "call_id": piece.call_id, "name": piece.name, "arguments": ""}  # fmt: skip
         elif kind == "reasoning":
-            item = {"id": f"rs_{secrets.token_hex(12)}", "type": "reasoning", "summary": [],
+            item = {"id": derived_id("rs", self.response["id"], index), "type": "reasoning", "summary": [],
                     "content": [{"type": "reasoning_text", "text": ""}]}  # fmt: skip
         else:
-            item = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "status": "in_progress",
+            item = {"id": derived_id("msg", self.response["id"], index), "type": "message", "status": "in_progress",
                     "role": "assistant", "content": []}  # fmt: skip
         self.items.append(item)
         self.open = kind
@@ -2646,6 +2667,7 @@ class Delta:
     text: str
     choice: int = 0  # which of the request's n choices
     logprobs: tuple[TokenScore, ...] = ()  # the tokens this text came from, when logprobs are asked for
+    tokens: tuple[int, ...] = ()  # the token ids this text came from (journaled: a restart continues after them)
 
 
 @dataclass(frozen=True)
@@ -2664,6 +2686,17 @@ class PromptScores:
 
 
 EngineEvent = Delta | Finished | PromptScores
+
+
+@dataclass(frozen=True)
+class ChoiceResume:
+    """Where one choice stands when a restart continues it: the tokens it has emitted (re-prefilled after the
+    prompt, counted against max_tokens and by the penalties), whether it has ended, and whether its prompt
+    scores (the legacy echo) were already sent."""
+
+    tokens: tuple[int, ...] = ()
+    finished: bool = False
+    scored: bool = False
 
 
 @dataclass
@@ -2709,7 +2742,7 @@ class Engine(Protocol):
 
     def stream(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
-        ends: Sequence[threading.Event] = (),
+        ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
     ) -> Iterator[EngineEvent]: ...  # fmt: skip
 
 
@@ -2997,10 +3030,13 @@ def _make_row_processor(row: BatchRequest, prompt_tokens: int, eos_index: Any) -
         penalties. generate() runs the processors it is given before its warpers (temperature, top-k, top-p), and
         this one first, so it sees the model's own logits."""
 
+        length: int | None = None
+
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             row.generated = int(input_ids.shape[1]) - prompt_tokens
-            if row.generated:
+            if self.length is not None:
                 count_token(row, int(input_ids[0, -1]))  # the token chosen at the previous step
+            self.length = int(input_ids.shape[1])
             if row.params.logprobs is not None:
                 row.scores = scores[0].float().log_softmax(-1)
             if row.params.adjusts_logits:
@@ -3033,7 +3069,7 @@ def _make_token_streamer(on_token: Callable[[int], None], on_end: Callable[[], N
 
 def infer_stream(
     loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams,
-    cancel: threading.Event, ends: Sequence[threading.Event] = (),
+    cancel: threading.Event, ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
 ) -> Iterator[EngineEvent]:  # fmt: skip
     """Runs `generate` in a worker thread, once per choice (one after another), and yields each one's text
     deltas (with their logprobs when asked), then its `Finished`.
@@ -3045,12 +3081,16 @@ def infer_stream(
     try:
         for choice in range(params.n):
             end = ends[choice] if choice < len(ends) else None
-            if params.prompt_logprobs:
-                yield PromptScores(infer_prompt_scores(loaded, texts, prompt, params), choice)
-            if cancel.is_set() or params.max_new_tokens == 0:
-                yield Finished("cancelled" if cancel.is_set() else "length", 0, choice)
+            state = resume[choice] if choice < len(resume) else ChoiceResume()
+            if state.finished:
                 continue
-            yield from infer_choice(loaded, texts, prompt, params, cancel, end, choice, choice_seed(seed, choice))
+            if params.prompt_logprobs and not state.scored:
+                yield PromptScores(infer_prompt_scores(loaded, texts, prompt, params), choice)
+            if cancel.is_set() or params.max_new_tokens <= len(state.tokens):
+                yield Finished("cancelled" if cancel.is_set() else "length", len(state.tokens), choice)
+                continue
+            yield from infer_choice(loaded, texts, prompt, params, cancel, end, choice, choice_seed(seed, choice),
+                                    state.tokens)  # fmt: skip
     finally:
         cancel.set()
 
@@ -3068,19 +3108,23 @@ def infer_prompt_scores(
 
 def infer_choice(
     loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams,
-    cancel: threading.Event, end: threading.Event | None, choice: int, seed: int,
+    cancel: threading.Event, end: threading.Event | None, choice: int, seed: int, resumed: tuple[int, ...] = (),
 ) -> Iterator[EngineEvent]:  # fmt: skip
+    """One choice through `generate()`; a continued one (`resumed`: the tokens it had emitted) re-prefills them
+    after the prompt and goes on from there."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     eos = eos_ids(loaded)
-    row = BatchRequest(prompt.inputs["input_ids"], params, cancel, IncrementalDecoder(loaded.tokenizer), None,
-                       choice=choice, end=end)  # fmt: skip
+    row = make_row(loaded, prompt, params, cancel, queue.Queue(), choice, seed, end, ChoiceResume(resumed))
     prepare_row(row, vocab_size(loaded))
+    inputs = {**prompt.inputs, "input_ids": row.input_ids, "attention_mask": torch.ones_like(row.input_ids)}
+    if not resumed:
+        inputs = prompt.inputs  # media inputs (pixel values, grids) go as they are
     eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
     processors = LogitsProcessorList([_make_row_processor(row, prompt.prompt_tokens, eos_index)])
-    if prompt.grammar is not None:
-        processors.append(_make_constraint_processor(prompt.grammar.start(), prompt.prompt_tokens, vocab_size(loaded)))
+    if row.constraint is not None:  # advanced past the resumed tokens already
+        processors.append(_make_constraint_processor(row.constraint, int(row.input_ids.shape[1]), vocab_size(loaded)))
     tokens: queue.Queue[object] = queue.Queue()
     k = params.logprobs or 0
 
@@ -3098,12 +3142,12 @@ def infer_choice(
             torch.manual_seed(seed)  # caveat: process-global; exact only with one generation at a time
             with torch.inference_mode():
                 loaded.model.generate(
-                    **prompt.inputs,
+                    **inputs,
                     streamer=streamer,
                     stopping_criteria=stopping,
                     logits_processor=processors,
-                    max_new_tokens=params.max_new_tokens,
-                    min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
+                    max_new_tokens=params.max_new_tokens - len(resumed),
+                    min_new_tokens=params.max_new_tokens - len(resumed) if params.ignore_eos else None,
                     pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
                     **sampling_kwargs(params),
                 )
@@ -3113,7 +3157,7 @@ def infer_choice(
 
     thread = threading.Thread(target=generate, name="generate", daemon=True)
     thread.start()
-    generated: list[int] = []
+    generated: list[int] = list(resumed)
     try:
         while (item := tokens.get()) is not _BATCH_END:
             token, score = cast(tuple[int, TokenScore | None], item)
@@ -3122,15 +3166,16 @@ def infer_choice(
                 continue  # end-of-text is not part of the answer, nor of its logprobs
             if score is not None:
                 row.pending.append(score)
+            row.tokens.append(token)
             text = row.decoder.push(token)
             if text or row.pending:
-                yield Delta(text, choice, tuple(row.pending))
-                row.pending = []
+                yield Delta(text, choice, tuple(row.pending), tuple(row.tokens))
+                row.pending, row.tokens = [], []
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
         if tail := row.decoder.flush():
-            yield Delta(tail, choice)
+            yield Delta(tail, choice, (), tuple(row.tokens))
         stopped = cancel.is_set() or (end is not None and end.is_set())
         yield Finished(finish_reason_of(generated, eos, params, stopped), len(generated), choice)
     finally:
@@ -3385,6 +3430,9 @@ class BatchRequest:
     bias: tuple[Any, Any] | None = None  # logit_bias as (ids, values) tensors on the device
     scores: Any = None  # this step's raw log-softmax, when logprobs are asked for
     pending: list[TokenScore] = field(default_factory=list)  # scored tokens whose text is not out yet
+    tokens: list[int] = field(default_factory=list)  # token ids whose text is not out yet
+    seed: int = 0  # a sampled row draws token i from a generator seeded by (seed, i): see position_seed
+    resumed: tuple[int, ...] = ()  # tokens emitted before a restart (already at the end of input_ids)
 
     @property
     def stopped(self) -> bool:
@@ -3392,8 +3440,8 @@ class BatchRequest:
 
     def put(self, text: str) -> None:
         if text or self.pending:
-            self.out.put(Delta(text, self.choice, tuple(self.pending)))
-            self.pending = []
+            self.out.put(Delta(text, self.choice, tuple(self.pending), tuple(self.tokens)))
+            self.pending, self.tokens = [], []
 
     def finish(self, reason: FinishReason) -> None:
         self.put(self.decoder.flush())
@@ -3436,6 +3484,8 @@ def prepare_row(request: BatchRequest, width: int) -> None:
     if params.logit_bias:
         ids, values = zip(*params.logit_bias, strict=True)
         request.bias = (torch.tensor(ids, device=device), torch.tensor(values, device=device))
+    for token in request.resumed:
+        count_token(request, token)
 
 
 def count_token(request: BatchRequest, token: int) -> None:
@@ -3783,6 +3833,7 @@ class BatchScheduler:
         probabilities = scores.softmax(-1)
         if params.min_p > 0:
             probabilities[probabilities < params.min_p * probabilities.max()] = 0
+        request.generator.manual_seed(position_seed(request.seed, request.generated))
         return torch.multinomial(probabilities, 1, generator=request.generator)[0]
 
     def _emit(self, request: BatchRequest, token: int) -> None:
@@ -3802,6 +3853,7 @@ class BatchScheduler:
             except ConstraintError as exc:
                 self._fail([request], exc, "constrained decoding")
                 return
+        request.tokens.append(token)
         request.put(request.decoder.push(token))
         if request.constraint is not None and request.constraint.complete:
             request.finish("stop")  # the output is whole: end now rather than spend a step on end-of-text
@@ -3854,27 +3906,39 @@ def choice_seed(seed: int, choice: int) -> int:
     return seed if choice == 0 else (seed + choice * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a row's draw at `position`: the draw depends on (seed, position) alone, never on how many
+    draws came before, so a restart that continues at token i draws what the first run would have drawn."""
+    return (seed * 0x5851F42D4C957F2D + position * 0x14057B7EF767814F + 1) % (1 << 63)
+
+
 def stream_batched(
     scheduler: BatchScheduler, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
-    ends: Sequence[threading.Event] = (),
+    ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
 ) -> Iterator[EngineEvent]:  # fmt: skip
-    import torch
-
+    """One prompt's n choices as rows of the batch, prefilled once. A continued choice (`resume`) is a family of
+    its own: its prompt is the original one plus the tokens it had emitted."""
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     out: queue.Queue[object] = queue.Queue()
     family: Family = []
+    families = [family]
     for choice in range(params.n):
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=scheduler.loaded.model.device)
-            generator.manual_seed(choice_seed(seed, choice))
-        constraint = prompt.grammar.start() if prompt.grammar is not None else None
-        family.append(BatchRequest(prompt.inputs["input_ids"], params, cancel,
-                                   IncrementalDecoder(scheduler.loaded.tokenizer), generator, constraint, out, choice,
-                                   ends[choice] if choice < len(ends) else None))  # fmt: skip
-    scheduler.submit(family)
+        state = resume[choice] if choice < len(resume) else ChoiceResume()
+        if state.finished:
+            continue
+        end = ends[choice] if choice < len(ends) else None
+        row = make_row(scheduler.loaded, prompt, params, cancel, out, choice, choice_seed(seed, choice), end, state)
+        if not state.tokens and not state.scored:
+            family.append(row)
+        elif len(state.tokens) >= params.max_new_tokens:  # it had reached max_tokens: only its finish was lost
+            row.finish("length")
+        else:
+            families.append([row])
+    running = sum(1 for c in range(params.n) if not (c < len(resume) and resume[c].finished))
+    for submitted in families:
+        if submitted:
+            scheduler.submit(submitted)
     try:
-        running = params.n
         while running:
             item = out.get()
             if item is _BATCH_END:
@@ -3885,6 +3949,32 @@ def stream_batched(
                 yield item  # type: ignore[misc]
     finally:
         cancel.set()  # a reader that leaves takes its rows out at the next step
+
+
+def make_row(
+    loaded: LoadedModel, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+    out: queue.Queue[object], choice: int, seed: int, end: threading.Event | None, state: ChoiceResume,
+) -> BatchRequest:  # fmt: skip
+    """One choice's row; a continued one starts where it stood: its tokens after the prompt, its decoder and
+    constraint fed with them, its prompt scores not sent twice."""
+    import torch
+
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=loaded.model.device)
+    constraint = prompt.grammar.start() if prompt.grammar is not None else None
+    decoder = IncrementalDecoder(loaded.tokenizer)
+    input_ids = prompt.inputs["input_ids"]
+    if state.tokens:
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([state.tokens])], dim=1)
+        for token in state.tokens:
+            decoder.push(token)  # deliberate: the text is out already; this restores the held bytes
+            if constraint is not None:
+                constraint.advance(token)
+    if state.scored:
+        params = replace(params, prompt_logprobs=False)
+    return BatchRequest(input_ids, params, cancel, decoder, generator, constraint, out, choice, end,
+                        generated=len(state.tokens), seed=seed, resumed=state.tokens)  # fmt: skip
 
 
 PROMPT_TAIL_TOKENS = 8  # enough of the rendered prompt's end to see a `<think>` the template opened
@@ -4021,7 +4111,8 @@ class TransformersEngine:
         input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.model.device)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         text = prompt if isinstance(prompt, str) else str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
-        return PreparedPrompt(inputs, len(ids), text=text)
+        grammar = self.grammars(loaded).compile(params.constraint) if params.constraint is not None else None
+        return PreparedPrompt(inputs, len(ids), grammar, text=text)  # a constraint: a restart's continued chat
 
     def texts(self, loaded: LoadedModel) -> TokenTexts:
         with self._scheduler_lock:
@@ -4031,15 +4122,16 @@ class TransformersEngine:
 
     def stream(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
-        ends: Sequence[threading.Event] = (),
+        ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
     ) -> Iterator[EngineEvent]:  # fmt: skip
         """Text requests join the continuous batch; what it cannot take (images, sliding-window caches, or
-        BATCHING=off) runs its own `generate`, a choice at a time. `ends[i]` ends choice i alone."""
+        BATCHING=off) runs its own `generate`, a choice at a time. `ends[i]` ends choice i alone; `resume[i]`
+        continues choice i where a restart found it."""
         loaded = self.handle.get()
         scheduler = self.scheduler_for(loaded)
         if scheduler is not None:
-            return stream_batched(scheduler, prompt, params, cancel, ends)
-        return infer_stream(loaded, self.texts(loaded), prompt, params, cancel, ends)
+            return stream_batched(scheduler, prompt, params, cancel, ends, resume)
+        return infer_stream(loaded, self.texts(loaded), prompt, params, cancel, ends, resume)
 
     def scheduler_for(self, loaded: LoadedModel) -> BatchScheduler | None:
         settings = self.handle.settings
@@ -4136,6 +4228,15 @@ JOURNAL_MIGRATIONS = [
     """,
     # 2: the first event index that never reached the journal (it failed while the session ran); NULL = whole
     "ALTER TABLE sessions ADD COLUMN lost_from INTEGER",
+    # 3: continuation after a restart: what the generation needs (its prompts' token ids and parameters; NULL: it
+    # cannot be continued), how many restarts have continued it, and the engine's output so far, step by step
+    """
+    ALTER TABLE sessions ADD COLUMN plan TEXT;
+    ALTER TABLE sessions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE steps (
+        session_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 JOURNAL_BATCH_MAX_OPS = 1024
 
@@ -4157,6 +4258,109 @@ class StoredSession:
     ended_at: float | None
     events: list[Event]
     lost_from: int | None = None  # events from this index on were sent but never journaled (the journal failed)
+    plan: str = ""  # ContinuationPlan JSON; "" when it cannot be continued
+    steps: tuple[EngineEvent, ...] = ()  # loaded for a session a restart continues
+
+
+@dataclass(frozen=True)
+class ContinuationPlan:
+    """What a restart needs to continue a generation: each prompt's token ids (after the chat template) and raw
+    text, how to read the output, and the parameters, with the seed fixed at the start (a sampled request without
+    one gets one), so that the continuation draws what the first run would have."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    texts: tuple[str, ...]
+    output: OutputFormat
+    params: GenerationParams
+
+    def to_json(self) -> str:
+        return json.dumps({"prompts": self.prompts, "texts": self.texts, "output": asdict(self.output),
+                           "params": asdict(self.params)}, separators=(",", ":"))  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> ContinuationPlan:
+        data = json.loads(text)
+        params = dict(data["params"])
+        constraint = params.pop("constraint")
+        params.update(stop=tuple(params["stop"]), logit_bias=tuple((int(t), float(b)) for t, b in params["logit_bias"]),
+                      constraint=None if constraint is None else ConstraintSpec(**constraint))  # fmt: skip
+        return cls(tuple(tuple(p) for p in data["prompts"]), tuple(data["texts"]), OutputFormat(**data["output"]),
+                   GenerationParams(**params))  # fmt: skip
+
+
+def continuation_plan(prompts: Sequence[PreparedPrompt], params: GenerationParams) -> ContinuationPlan | None:
+    """The plan of a generation a restart could continue; None when its inputs are more than token ids (images,
+    videos: the pixels are not journaled, so such a session is interrupted by a restart, as before)."""
+    inputs = [prompt.inputs for prompt in prompts]
+    if any(not isinstance(i, Mapping) or set(i.keys()) - {"input_ids", "attention_mask"} for i in inputs):
+        return None
+    if params.constraint is not None and prompts[0].grammar is None:
+        params = replace(params, constraint=None)  # `strict` with `auto` where it is not enforced: not at restart
+    ids = tuple(tuple(int(t) for t in i["input_ids"][0].tolist()) for i in inputs)
+    return ContinuationPlan(ids, tuple(prompt.text for prompt in prompts), prompts[0].output, params)
+
+
+def encode_score(score: TokenScore) -> list[Any]:
+    return [score.token, score.logprob, score.raw.hex(), [[t, lp, raw.hex()] for t, lp, raw in score.top]]
+
+
+def decode_score(data: list[Any]) -> TokenScore:
+    token, logprob, raw, top = data
+    return TokenScore(token, logprob, bytes.fromhex(raw), tuple((t, lp, bytes.fromhex(r)) for t, lp, r in top))
+
+
+def encode_step(item: EngineEvent) -> str:
+    """One engine event as the journal keeps it (compact JSON): what a restart replays through the renderers."""
+    if isinstance(item, Delta):
+        data: dict[str, Any] = {"d": item.text, "c": item.choice, "t": item.tokens}
+        if item.logprobs:
+            data["l"] = [encode_score(score) for score in item.logprobs]
+    elif isinstance(item, Finished):
+        data = {"f": item.finish_reason, "c": item.choice, "n": item.completion_tokens}
+    else:
+        data = {"p": [encode_score(score) for score in item.scores], "c": item.choice}
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_step(text: str) -> EngineEvent:
+    data = json.loads(text)
+    if "d" in data:
+        scores = tuple(decode_score(score) for score in data.get("l", ()))
+        return Delta(data["d"], data["c"], scores, tuple(data["t"]))
+    if "f" in data:
+        return Finished(data["f"], data["n"], data["c"])
+    return PromptScores(tuple(decode_score(score) for score in data["p"]), data["c"])
+
+
+def resume_points(steps: Sequence[EngineEvent], choices: int) -> list[ChoiceResume]:
+    """Where each choice stood after `steps`: its tokens, whether it ended, whether its prompt was scored."""
+    tokens: list[list[int]] = [[] for _ in range(choices)]
+    finished, scored = [False] * choices, [False] * choices
+    for item in steps:
+        if isinstance(item, Delta):
+            tokens[item.choice] += item.tokens
+        elif isinstance(item, Finished):
+            finished[item.choice] = True
+        else:
+            scored[item.choice] = True
+    return [ChoiceResume(tuple(t), f, p) for t, f, p in zip(tokens, finished, scored, strict=True)]
+
+
+@dataclass(frozen=True)
+class ContinuePolicy:
+    """Which sessions a restart continues (RESTART_SESSIONS=continue): not those continued `max_attempts` times
+    already (a poison request must not crash-loop the server), nor those older than `max_age_seconds`."""
+
+    max_attempts: int
+    max_age_seconds: float
+
+
+@dataclass
+class Recovery:
+    """What a restart did with the sessions it found unfinished."""
+
+    continued: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -4209,12 +4413,19 @@ class SqliteJournal:
             for session_id, index in (op.event for op in ops if op.event is not None):
                 self.lost_from[session_id] = min(index, self.lost_from.get(session_id, index))
 
-    def record_session(self, session_id: str, meta: StreamMeta, request_json: str, created_at: float) -> None:
+    def record_session(
+        self, session_id: str, meta: StreamMeta, request_json: str, created_at: float, plan: str = ""
+    ) -> None:
         meta_json = json.dumps(meta.__dict__)
         self._put(
-            "INSERT OR REPLACE INTO sessions (id, state, meta, request, created_at) VALUES (?, ?, ?, ?, ?)",
-            (session_id, SessionState.QUEUED, meta_json, request_json, created_at),
+            "INSERT OR REPLACE INTO sessions (id, state, meta, request, created_at, plan) VALUES (?, ?, ?, ?, ?, ?)",
+            (session_id, SessionState.QUEUED, meta_json, request_json, created_at, plan or None),
         )
+
+    def record_step(self, session_id: str, seq: int, data: str) -> None:
+        """One engine event of a running session (written before the chunks made of it: a committed chunk's
+        step is always committed too)."""
+        self._put("INSERT OR REPLACE INTO steps (session_id, seq, data) VALUES (?, ?, ?)", (session_id, seq, data))
 
     def record_event(
         self, session_id: str, index: int, data: str, on_commit: Callable[[], object] | None = None
@@ -4232,7 +4443,8 @@ class SqliteJournal:
         """The last event ([DONE]) and the final state as one operation: committed together or not at all, so a
         crash can never leave a journaled [DONE] under a session still marked running."""
         event = ("INSERT OR REPLACE INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, index, data))
-        statements = (event, self._state_statement(session_id, state, ended_at))
+        steps = ("DELETE FROM steps WHERE session_id = ?", (session_id,))  # an ended session is never continued
+        statements = (event, self._state_statement(session_id, state, ended_at), steps)
         self._put_op(JournalOp(statements, on_commit, (session_id, index)))
 
     @staticmethod
@@ -4322,16 +4534,20 @@ class SqliteJournal:
         self.flush()
         with self._read_lock:
             row = self._reader.execute(
-                "SELECT id, state, meta, created_at, ended_at, lost_from FROM sessions WHERE id = ?", (session_id,)
+                "SELECT id, state, meta, created_at, ended_at, lost_from, plan FROM sessions WHERE id = ?",
+                (session_id,),
             ).fetchone()
             if row is None:
                 return None
             events = self._reader.execute(
                 "SELECT idx, data FROM events WHERE session_id = ? ORDER BY idx", (session_id,)
             ).fetchall()
-        return StoredSession(
-            row[0], row[1], StreamMeta(**json.loads(row[2])), row[3], row[4], [Event(*e) for e in events], row[5]
-        )
+            steps = self._reader.execute(
+                "SELECT data FROM steps WHERE session_id = ? ORDER BY seq", (session_id,)
+            ).fetchall()
+        return StoredSession(row[0], row[1], StreamMeta(**json.loads(row[2])), row[3], row[4],
+                             [Event(*e) for e in events], row[5], row[6] or "",
+                             tuple(decode_step(step) for (step,) in steps))  # fmt: skip
 
     def read_events(self, session_id: str, start: int, stop: int) -> list[Event]:
         """Events with start <= index < stop."""
@@ -4343,24 +4559,55 @@ class SqliteJournal:
             ).fetchall()
         return [Event(*row) for row in rows]
 
-    def recover_interrupted(self, now: float) -> list[str]:
-        """Sessions a server left behind, at start-up: one that died while they ran (journal the interrupted error
-        and [DONE]), or whose journal failed part-way (drop what is past `lost_from`: a replay then says those
-        events are lost rather than reuse indices clients hold). Returns the ids of those interrupted."""
+    def recover_interrupted(self, now: float, policy: ContinuePolicy | None = None) -> Recovery:
+        """Sessions a server left behind, at start-up. One that was running or queued is continued when `policy`
+        allows it (its attempt counted now, committed before it runs: a request that crashes the server every
+        time is ended after `max_attempts`); else it is interrupted (journal the interrupted error and [DONE]).
+        One whose journal failed part-way is interrupted after dropping what is past `lost_from` (a replay then
+        says those events are lost rather than reuse indices clients hold)."""
+        recovery = Recovery()
         with self._read_lock:
             conn = self._reader
             rows = conn.execute(
-                "SELECT id, lost_from FROM sessions WHERE state IN (?, ?) OR (lost_from IS NOT NULL AND state != ?)",
+                "SELECT id, lost_from, plan, attempts, created_at FROM sessions"
+                " WHERE state IN (?, ?) OR (lost_from IS NOT NULL AND state != ?)",
                 (SessionState.QUEUED, SessionState.RUNNING, SessionState.INTERRUPTED),
             ).fetchall()
             conn.execute("BEGIN")
-            interrupted = [session_id for session_id, lost_from in rows if self._recover(session_id, lost_from, now)]
+            for session_id, lost_from, plan, attempts, created_at in rows:
+                if (
+                    lost_from is None
+                    and policy is not None
+                    and plan
+                    and self._may_continue(session_id, policy, attempts, created_at, now)
+                ):
+                    conn.execute("UPDATE sessions SET attempts = attempts + 1 WHERE id = ?", (session_id,))
+                    recovery.continued.append(session_id)
+                elif self._recover(session_id, lost_from, now):
+                    recovery.interrupted.append(session_id)
             conn.execute("COMMIT")
-        return interrupted
+        return recovery
+
+    def _may_continue(self, session_id: str, policy: ContinuePolicy, attempts: int, created_at: float,
+                      now: float) -> bool:  # fmt: skip
+        if self._ended_with_done(session_id):
+            return False
+        if attempts >= policy.max_attempts:
+            log.warning("session %s: continued %d time(s) already; ending it as interrupted", session_id, attempts)
+            return False
+        if now - created_at > policy.max_age_seconds:
+            log.warning("session %s: older than CONTINUE_MAX_AGE_SECONDS; ending it as interrupted", session_id)
+            return False
+        return True
+
+    def _ended_with_done(self, session_id: str) -> bool:
+        (last,) = self._reader.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
+        return last is not None and self._event_at(session_id, last) == DONE
 
     def _recover(self, session_id: str, lost_from: int | None, now: float) -> bool:
         conn = self._reader
         end = "UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?"
+        conn.execute("DELETE FROM steps WHERE session_id = ?", (session_id,))
         if lost_from is not None:
             conn.execute("DELETE FROM events WHERE session_id = ? AND idx >= ?", (session_id, lost_from))
             conn.execute(end, (SessionState.INTERRUPTED, now, session_id))
@@ -4386,6 +4633,7 @@ class SqliteJournal:
             ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE ended_at < ?", (cutoff,)).fetchall()]
             conn.execute("BEGIN")
             conn.executemany("DELETE FROM events WHERE session_id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM steps WHERE session_id = ?", [(i,) for i in ids])
             conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
             conn.execute("COMMIT")
         return len(ids)
@@ -4393,6 +4641,7 @@ class SqliteJournal:
     def delete_session(self, session_id: str) -> None:
         """Forgets one session, events and all (in the writer's order: after anything it still has to write)."""
         self._put("DELETE FROM events WHERE session_id = ?", (session_id,))
+        self._put("DELETE FROM steps WHERE session_id = ?", (session_id,))
         self._put("DELETE FROM sessions WHERE id = ?", (session_id,))
 
     def count_sessions(self) -> int:
@@ -4422,6 +4671,10 @@ class Session:
         self.grace_timer: asyncio.TimerHandle | None = None  # set while nobody reads a running session
         self.durable_index = -1  # with a journal: the last event index known to be committed
         self.lost_from: int | None = None  # restored: events from here on were sent before a restart, never journaled
+        self.continuable = False  # its engine events are journaled as steps, so that a restart can continue it
+        self.steps = 0  # steps journaled so far
+        self.replayed = 0  # a continuation's runner remakes the events held already: this many appends are those
+        self.suspended = False  # the server stopped with it left to be continued: readers end, nothing is written
         self._changed = asyncio.Event()
 
     @classmethod
@@ -4432,21 +4685,47 @@ class Session:
         session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
         session.durable_index = session.buffer.next_index - 1
         session.lost_from = stored.lost_from
+        session.continuable, session.steps = bool(stored.plan), len(stored.steps)
         return session
 
     @property
     def ended(self) -> bool:
         return self.state in SessionState.ENDED
 
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be written here by this process: ended, or left to a restart to continue."""
+        return self.ended or self.suspended
+
     def append(self, data: str) -> int:
+        if self.replayed:  # a continuation remaking an event the session holds already (the same text)
+            self.replayed -= 1
+            return self.buffer.next_index - 1 - self.replayed
+        if self.suspended:
+            return self.buffer.next_index - 1
         index = self.buffer.append(data)
         if self.journal is not None:
             self.journal.record_event(self.key, index, data, self._on_durable(index))
         self._notify()
         return index
 
+    def record_step(self, item: EngineEvent) -> None:
+        """Journals one engine event (before the events made of it), for a restart to continue from."""
+        if self.continuable and self.journal is not None and not self.suspended:
+            self.journal.record_step(self.key, self.steps, encode_step(item))
+            self.steps += 1
+
+    def suspend(self) -> None:
+        """The server is stopping and a restart will continue this session: its readers end their streams (the
+        client resumes with Last-Event-ID), and nothing more is written, so the journal holds it as running."""
+        self.suspended = True
+        self.cancel.set()
+        self._notify()
+
     def finish(self, state: str) -> None:
         """Appends [DONE] and ends the session in `state`: one journal operation for both."""
+        if self.suspended:
+            return
         index = self.buffer.append(DONE)
         self._enter(state)
         if self.journal is not None:
@@ -4502,7 +4781,7 @@ class Session:
         """Waits until an event at `index` exists or the session ends; False on timeout."""
         changed = self._changed
         end = self.readable_end
-        if end > index or (self.ended and end >= self.buffer.next_index):
+        if end > index or (self.closed and end >= self.buffer.next_index) or self.suspended:
             return True
         try:
             async with asyncio.timeout(timeout_seconds):  # deliberate: not wait_for, which makes a task per wait
@@ -4526,14 +4805,17 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.journal: SqliteJournal | None = None
 
-    def create(self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "") -> Session:
+    def create(
+        self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "", plan: str = ""
+    ) -> Session:
         self.evict(room=1)
         wire_id = session_id or secrets.token_hex(16)
         key = storage_key(owner, wire_id)
         session = Session(wire_id, meta, self.settings.session_buffer_events, key=key)
         if self.journal is not None and self.journal.error is None:
             session.journal = self.journal
-            self.journal.record_session(key, meta, request_json, session.created_at)
+            session.continuable = bool(plan)
+            self.journal.record_session(key, meta, request_json, session.created_at, plan)
         self.sessions[key] = session
         return session
 
@@ -4603,6 +4885,7 @@ class Metrics:
         self.generations_queued = Gauge("llm_generations_queued", "Generations waiting for a slot", registry=r)
         self.sessions_in_memory = Gauge("llm_sessions_in_memory", "Sessions held in memory", registry=r)
         self.sessions_on_disk = Gauge("llm_sessions_on_disk", "Sessions in the SQLite journal", registry=r)
+        self.continued = Counter("llm_sessions_continued", "Sessions continued after a restart", registry=r)
 
 
 class GenerationGate:
@@ -4622,6 +4905,14 @@ class GenerationGate:
                 headers={"Retry-After": "1"},
             )
         self.admitted += 1
+
+    def readmit(self) -> None:
+        """A session continued after a restart: admitted before it, so never refused now."""
+        self.admitted += 1
+
+    def release_admission(self) -> None:
+        """An admitted generation that will never ask for its slot."""
+        self.admitted -= 1
 
     @contextlib.asynccontextmanager
     async def slot(self, give_up: asyncio.Event) -> AsyncIterator[bool]:
@@ -4662,7 +4953,7 @@ class _Failure:
 
 async def drain_in_thread(
     engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams, cancel: threading.Event,
-    ends: Sequence[threading.Event] = (),
+    ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
 ) -> AsyncIterator[EngineEvent]:  # fmt: skip
     """Bridges the blocking engine iterators, each run in its own thread, to async code via an asyncio.Queue.
     Prompt p's n choices are the request's choices p*n ... p*n + n-1 (the legacy endpoint's list of prompts)."""
@@ -4675,7 +4966,8 @@ async def drain_in_thread(
 
     def pump(prompt: PreparedPrompt, first: int) -> None:
         try:
-            for item in engine.stream(prompt, params, cancel, ends[first : first + params.n]):
+            mine = slice(first, first + params.n)
+            for item in engine.stream(prompt, params, cancel, ends[mine], resume[mine]):
                 post(replace(item, choice=first + item.choice) if first else item)
         except BaseException as exc:
             post(_Failure(exc))
@@ -4771,55 +5063,79 @@ class ChoiceRun:
         return events + self.renderer.finish(self.finished)
 
 
+def apply_event(item: EngineEvent, run: ChoiceRun, session: Session) -> list[str]:
+    """What one engine event makes of its choice's run: chunks (or the finish), in the session's protocol. The
+    same for a live event and for a journaled step replayed by a continuation, so that both give the same text."""
+    if isinstance(item, Finished):
+        return run.close(item, session)
+    chunks = run.renderer.echo(item.scores) if isinstance(item, PromptScores) else run.feed(item)
+    if run.stop.matched or run.renderer.complete:
+        run.end.set()  # the rest is past the stop string (or the one call): stop this row too
+    return chunks
+
+
 async def generate_into(
     session: Session, engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams,
     gate: GenerationGate, metrics: Metrics, max_seconds: float, runs: list[ChoiceRun],
+    resume: Sequence[ChoiceResume] = (),
 ) -> None:  # fmt: skip
     """Waits for a slot, then appends each choice's chunks (or, for tools and reasoning, what `OutputParser` makes
     of the text) as its deltas come, and its finish as soon as it ends. Stop strings end a choice early; so does
-    its first call without parallel calls."""
+    its first call without parallel calls. Each engine event is journaled (a step) before its chunks."""
     clock = DeltaClock(metrics)
     async with gate.slot(session.cancelled) as acquired:
         if not acquired:
             return  # cancelled while queued: the model never ran
         session.set_state(SessionState.RUNNING)
         timer = limit_runtime(session, max_seconds)
+        ends = [run.end for run in runs]
         try:
-            async for item in drain_in_thread(engine, prompts, params, session.cancel, [run.end for run in runs]):
-                run = runs[item.choice]
+            async for item in drain_in_thread(engine, prompts, params, session.cancel, ends, resume):
+                session.record_step(item)
+                chunks = apply_event(item, runs[item.choice], session)
                 if isinstance(item, Finished):
                     metrics.tokens.inc(item.completion_tokens)
-                    for chunk in run.close(item, session):
-                        session.append(chunk)
-                    continue
-                chunks = run.renderer.echo(item.scores) if isinstance(item, PromptScores) else run.feed(item)
-                if chunks:
+                elif chunks:
                     clock.tick()
                 for chunk in chunks:
                     session.append(chunk)
-                if run.stop.matched or run.renderer.complete:
-                    run.end.set()  # the rest is past the stop string (or the one call): stop this row too
         finally:
             if timer is not None:
                 timer.cancel()
 
 
+def replay_steps(session: Session, runs: list[ChoiceRun], steps: Sequence[EngineEvent]) -> list[ChoiceResume]:
+    """A continuation's first part: the journaled steps through fresh renderers, stop matchers and parsers, which
+    so reach the state they had (the events they remake are the session's own and are not appended twice); then
+    where each choice stands (one whose prompt scores were not journaled yet is scored again)."""
+    for item in steps:
+        for chunk in apply_event(item, runs[item.choice], session):
+            session.append(chunk)
+    return resume_points(steps, len(runs))
+
+
 async def run_generation(
     session: Session, engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams,
-    gate: GenerationGate, metrics: Metrics, max_seconds: float,
+    gate: GenerationGate, metrics: Metrics, max_seconds: float, steps: Sequence[EngineEvent] | None = None,
 ) -> None:  # fmt: skip
     """Drives one generation into one session, through its protocol's renderers (one per choice): (chat) role
     chunks, content deltas, a finish per choice, usage, or (Responses) created ... completed; then [DONE], the
-    session's end marker."""
+    session's end marker. `steps` (a restart continuing the session): the engine events journaled so far, replayed
+    first; the engine then goes on from the tokens they hold."""
     started, output = time.perf_counter(), prompts[0].output
     prompt_tokens = sum(prompt.prompt_tokens for prompt in prompts)
     choices = params.n * len(prompts)
     runs = [ChoiceRun(make_renderer(session.meta, output, i), StopMatcher(params.stop)) for i in range(choices)]
+    if steps is not None:
+        session.replayed = session.buffer.next_index  # everything up to here is remade, not appended again
     for run in runs:
         for event in run.renderer.start():
             session.append(event)
+    # deliberate: `replayed` may outlast the steps: the journal may hold the closing events (usage) too, which
+    # the end of this run remakes just the same
+    resume = replay_steps(session, runs, steps) if steps is not None else []
     try:
-        await generate_into(session, engine, prompts, params, gate, metrics, max_seconds, runs)
+        await generate_into(session, engine, prompts, params, gate, metrics, max_seconds, runs, resume)
         for index, run in enumerate(runs):
             if run.finished is None:  # cancelled while queued, or the engine ended without a word
                 for event in run.close(Finished("cancelled", 0, index), session):
@@ -4860,6 +5176,11 @@ class DisconnectWatch:
 
     def detach(self, session: Session) -> None:
         session.readers -= 1
+        self.unread(session)
+
+    def unread(self, session: Session) -> None:
+        """Starts the clock on a session nobody reads (the last reader left, or a restart continued it: its
+        readers left with the old process)."""
         if session.readers > 0 or session.ended or self.grace_seconds <= 0 or session.meta.background:
             return  # deliberate: a background response runs whether or not anyone reads
         session.cancel_grace_timer()
@@ -4919,6 +5240,8 @@ async def read_session(
             session.buffer.hold(cursor, index)
             if session.ended and index >= session.buffer.next_index:
                 return
+            if session.suspended:
+                return  # the server is stopping; a restart continues the session and the client resumes there
             await session.wait_for_events(index, wait_seconds)
     finally:
         session.buffer.release(cursor)
@@ -5005,6 +5328,7 @@ class AppState:
     watch: DisconnectWatch
     metrics: Metrics
     journal_error: str | None = None
+    continued: int = 0  # sessions this process continued at start-up
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     ending: asyncio.Future[None] | None = None  # set once the server has begun ending its sessions
 
@@ -5107,7 +5431,10 @@ async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple
 def launch(state: AppState, meta: StreamMeta, session_id: str | None, request_json: str, owner: str,
            prompts: list[PreparedPrompt], params: GenerationParams) -> Session:  # fmt: skip
     """Creates the session (admitted already) and starts its runner: it runs whether or not anyone reads."""
-    session = state.store.create(meta, session_id, request_json, owner)
+    if params.temperature > 0 and params.seed is None:
+        params = replace(params, seed=secrets.randbits(63))  # fixed now, so that a restart draws the same
+    plan = continuation_plan(prompts, params) if state.settings.restart_sessions == "continue" else None
+    session = state.store.create(meta, session_id, request_json, owner, plan.to_json() if plan else "")
     tokens = sum(prompt.prompt_tokens for prompt in prompts)
     log.info("session %s started: %d prompt tokens, %d choices (%s)", session.id, tokens,
              params.n * len(prompts), meta.protocol)  # fmt: skip
@@ -5256,16 +5583,63 @@ async def wait_until_ended(session: Session) -> None:
 
 
 async def open_journal(state: AppState) -> None:
-    path = Path(state.settings.sessions_db_path)
+    """Opens the journal and deals with what the last process left unfinished: continued (RESTART_SESSIONS=
+    continue, within the attempt and age limits) or interrupted."""
+    path, settings = Path(state.settings.sessions_db_path), state.settings
+    policy = None
+    if settings.restart_sessions == "continue":
+        policy = ContinuePolicy(settings.continue_max_attempts, settings.continue_max_age_seconds)
     try:
         journal = await asyncio.to_thread(SqliteJournal, path)
-        interrupted = await asyncio.to_thread(journal.recover_interrupted, time.time())
+        recovery = await asyncio.to_thread(journal.recover_interrupted, time.time(), policy)
+        stored = [await asyncio.to_thread(journal.load_session, key) for key in recovery.continued]
     except (sqlite3.Error, OSError) as exc:
         state.journal_error = f"session journal {path} could not be opened: {exc}"
         log.error("%s; serving goes on without persistence", state.journal_error)
         return
     state.store.journal = journal
-    log.info("session journal %s open; %d interrupted session(s) recovered", path, len(interrupted))
+    for found in stored:
+        if found is not None:
+            continue_session(state, found)
+    log.info("session journal %s open; %d session(s) continued, %d interrupted", path, state.continued,
+             len(recovery.interrupted))  # fmt: skip
+
+
+def continue_session(state: AppState, stored: StoredSession) -> None:
+    """Puts a session the last process left running back in memory and starts its runner again: it replays the
+    journaled steps, then the engine goes on from the tokens they hold. Readers attach as to any session."""
+    journal = state.store.journal
+    assert journal is not None
+    session = Session.restore(stored, state.settings.session_buffer_events, journal)
+    state.store.sessions[session.key] = session
+    state.watch.unread(session)  # its clients left with the old process: they have the grace window to return
+    state.gate.readmit()
+    state.continued += 1
+    state.metrics.continued.inc()
+    log.info("session %s continued after a restart: %d event(s), %d step(s) journaled", session.id,
+             len(stored.events), len(stored.steps))  # fmt: skip
+    state.spawn(run_continuation(state, session, ContinuationPlan.from_json(stored.plan), stored.steps))
+
+
+async def run_continuation(
+    state: AppState, session: Session, plan: ContinuationPlan, steps: Sequence[EngineEvent]
+) -> None:
+    """A continued session's runner: the model loaded and each prompt rebuilt from its token ids (no template
+    again: the ids are the prompt), then `run_generation` with the journaled steps."""
+    try:
+        await asyncio.to_thread(state.engine.load)
+        prompts = []
+        for ids, text in zip(plan.prompts, plan.texts, strict=True):
+            prompt = await asyncio.to_thread(state.engine.prepare_text, list(ids), plan.params)
+            prompts.append(replace(prompt, output=plan.output, text=text))
+    except Exception as exc:
+        log.warning("session %s could not be continued: %s", session.id, exc)
+        state.gate.release_admission()
+        session.append(json.dumps(to_error_event(exc) if isinstance(exc, APIError) else make_interrupted_error()))
+        session.finish(SessionState.INTERRUPTED)
+        return
+    max_seconds = state.settings.max_generation_seconds
+    await run_generation(session, state.engine, prompts, plan.params, state.gate, state.metrics, max_seconds, steps)
 
 
 async def sweep_sessions(state: AppState) -> None:
@@ -5291,13 +5665,24 @@ def interrupt_session(session: Session) -> None:
 
 
 async def end_unfinished_sessions(state: AppState) -> None:
-    """Stops every runner, then marks what was still running as interrupted (its tail goes to its readers)."""
+    """Stops every runner, then leaves what was still running to be continued by the next start (RESTART_SESSIONS=
+    continue, the journal healthy: its readers' streams end, the client resumes after the restart), or marks it
+    interrupted (its tail goes to its readers)."""
+    journal = state.store.journal
+    keep = state.settings.restart_sessions == "continue" and journal is not None and journal.error is None
+    unfinished = [s for s in state.store.sessions.values() if not s.ended]
+    if keep:
+        for session in unfinished:
+            if session.continuable:
+                session.suspend()  # first: nothing the cancelled runners still do is written
     tasks = list(state.tasks)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for session in list(state.store.sessions.values()):
-        if not session.ended:
+    for session in unfinished:
+        if session.suspended:
+            log.info("session %s left to be continued after the restart", session.id)
+        elif not session.ended:
             log.info("session %s interrupted by shutdown", session.id)
             interrupt_session(session)
 
@@ -5620,7 +6005,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return Health(
             status="ok", model=engine.model_name, model_loaded=engine.is_loaded(), model_error=engine.load_error(),
             generations_running=state.gate.running, generations_queued=state.gate.admitted - state.gate.running,
-            sessions=len(state.store.sessions), persistence=state.persistence(),
+            sessions=len(state.store.sessions), persistence=state.persistence(), sessions_continued=state.continued,
         )  # fmt: skip
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

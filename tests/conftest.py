@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal  # Literal: the SDK reads the tool's hints from these globals
 
 import pytest
+import torch
 import uvicorn
 
 import main
@@ -138,30 +139,38 @@ class ScriptedEngine:
         self, messages: list[dict[str, Any]], params: main.GenerationParams, template: main.TemplateInputs | None = None
     ) -> main.PreparedPrompt:
         self.prompts.append(messages)
-        return main.PreparedPrompt(inputs=messages, prompt_tokens=self.prompt_tokens)
+        return main.PreparedPrompt(inputs=self.ids(), prompt_tokens=self.prompt_tokens)
+
+    def ids(self) -> dict[str, Any]:
+        """Prompt token ids as the real engine's inputs hold them (so that a session can be continued)."""
+        return {"input_ids": torch.zeros((1, self.prompt_tokens), dtype=torch.long)}
 
     def prepare_text(self, prompt: str | list[int], params: main.GenerationParams) -> main.PreparedPrompt:
         text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-        return main.PreparedPrompt(inputs=text, prompt_tokens=self.prompt_tokens, text=text)
+        return main.PreparedPrompt(inputs=self.ids(), prompt_tokens=self.prompt_tokens, text=text)
 
     def stream(
         self, prompt: main.PreparedPrompt, params: main.GenerationParams, cancel: threading.Event,
-        ends: Sequence[threading.Event] = (),
+        ends: Sequence[threading.Event] = (), resume: Sequence[main.ChoiceResume] = (),
     ) -> Iterator[main.EngineEvent]:  # fmt: skip
-        """Each of the n choices in turn, the same tokens; `ends[i]` ends choice i as the real engine does."""
+        """Each of the n choices in turn, the same tokens; `ends[i]` ends choice i as the real engine does.
+        Token i's id is i, so a continued choice (`resume`) goes on at the token after its last."""
         self.active_threads += 1
         try:
             for choice in range(params.n):
+                state = resume[choice] if choice < len(resume) else main.ChoiceResume()
+                if state.finished:
+                    continue
                 end = ends[choice] if choice < len(ends) else threading.Event()
-                yield from self._choice(params, cancel, end, choice)
+                yield from self._choice(params, cancel, end, choice, len(state.tokens))
         finally:
             self.active_threads -= 1
 
     def _choice(
-        self, params: main.GenerationParams, cancel: threading.Event, end: threading.Event, choice: int
-    ) -> Iterator[main.EngineEvent]:
-        produced = 0
-        for token in self.tokens[: params.max_new_tokens]:
+        self, params: main.GenerationParams, cancel: threading.Event, end: threading.Event, choice: int,
+        produced: int = 0,
+    ) -> Iterator[main.EngineEvent]:  # fmt: skip
+        for position in range(produced, min(len(self.tokens), params.max_new_tokens)):
             if cancel.is_set() or end.is_set():
                 yield main.Finished("cancelled", produced, choice)
                 return
@@ -169,7 +178,7 @@ class ScriptedEngine:
                 raise RuntimeError("scripted failure with secret internals /home/user/model.bin")
             time.sleep(self.delay_seconds)
             produced += 1
-            yield main.Delta(token, choice)
+            yield main.Delta(self.tokens[position], choice, (), (position,))
         limited = len(self.tokens) >= params.max_new_tokens
         yield main.Finished("length" if limited else "stop", produced, choice)
 

@@ -344,8 +344,10 @@ def test_fuzz_every_route_no_5xx_and_errors_openai_shaped(auth: str) -> None:
 
 
 def test_graceful_shutdown_marks_running_sessions_interrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """RESTART_SESSIONS=interrupt (the default leaves them to be continued: test_continuation.py)."""
     env = {"MODEL_REPO_ID": str(tiny_model_dir), "DEVICE_MAP": "cpu", "TEMPERATURE": "0", "PERSIST_SESSIONS": "1",
-           "SESSIONS_DB_PATH": str(tmp_path / "s.db"), "MAX_TOKENS": "4000"}  # fmt: skip
+           "SESSIONS_DB_PATH": str(tmp_path / "s.db"), "MAX_TOKENS": "4000",
+           "RESTART_SESSIONS": "interrupt"}  # fmt: skip
     first = ServerProcess(env, tmp_path)
     body = {"messages": QUESTION, "stream": True, "session_id": "shutdown-1"}
     with httpx.stream("POST", first.url + "/v1/chat/completions", json=body, timeout=60) as response:

@@ -135,11 +135,11 @@ def test_engine_output_becomes_the_apis_events_in_order_and_valid(
 @pytest.mark.parametrize("text", ["Hello", ' "quoted"\n', "café 日本 😀", ""])
 @pytest.mark.parametrize("output_text", [True, False])
 def test_the_fast_text_delta_is_the_generic_events_bytes(text: str, output_text: bool) -> None:
-    events = main.ResponsesEvents({}, main.OutputFormat())
+    events = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
     events.sequence = 12
     kind = "response.output_text.delta" if output_text else "response.reasoning_text.delta"
     fields = {"item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": text}
-    generic = main.ResponsesEvents({}, main.OutputFormat())
+    generic = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
     generic.sequence = 12
     expected = generic._event(kind, **fields, **({"logprobs": []} if output_text else {}))
     assert events.text_delta(output_text, "msg_1", 2, text) == expected

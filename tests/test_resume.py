@@ -390,11 +390,11 @@ def test_grace_zero_never_auto_cancels(slow_server: Callable[..., Any]) -> None:
 class ServerProcess:
     """`python main.py` in a subprocess: the real entrypoint, killable like a crash."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, script: Path = ROOT / "main.py") -> None:
         self.port = free_port()
         full_env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
         self.log = (cwd / f"server-{self.port}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=full_env, cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd,
                                      stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
@@ -459,6 +459,8 @@ def test_a_finished_session_replays_byte_identical_after_a_restart(
 
 
 def test_a_session_killed_mid_run_replays_then_says_interrupted(persistent_env: dict[str, str], tmp_path: Path) -> None:
+    """RESTART_SESSIONS=interrupt: a restart ends what was running (test_continuation.py: the default continues)."""
+    persistent_env = {**persistent_env, "RESTART_SESSIONS": "interrupt"}
     first = ServerProcess({**persistent_env, "MAX_TOKENS": "4000"}, tmp_path)
     body = {"messages": QUESTION, "stream": True, "session_id": "crash-1"}
     with httpx.stream("POST", first.url + "/v1/chat/completions", json=body, timeout=60) as response:
@@ -639,7 +641,7 @@ def mount_small_disk(path: Path, size_kib: int) -> bool:
 
 def fill_disk(path: Path) -> Path:
     filler = path / "filler"
-    with filler.open("wb") as handle, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), filler.open("wb") as handle:  # the open may fail too: full already
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()
@@ -653,7 +655,7 @@ def test_after_the_journal_failed_mid_stream_a_restart_never_reuses_indices(
     disk is freed and the server restarted, recovery used to append the interrupted tail at indices the client
     already held as content. Now the replay stops at the first lost index and says the rest is lost (no ids)."""
     disk = tmp_path / "disk"
-    if not mount_small_disk(disk, 2048):
+    if not mount_small_disk(disk, 8192):  # room for the database and its WAL (events and steps) until filled
         pytest.skip("needs root on Linux to mount a tmpfs that can be filled")
     try:
         env = {"MODEL_REPO_ID": str(tiny_model_dir), "DEVICE_MAP": "cpu", "TEMPERATURE": "0", "MAX_TOKENS": "1500",

@@ -57,7 +57,7 @@ def test_recover_interrupted_appends_the_error_and_done(tmp_path: Path) -> None:
     journal.record_event("done", 0, main.DONE)
     journal.record_state("done", main.SessionState.FINISHED, 2.0)
     journal.flush()
-    assert sorted(journal.recover_interrupted(now=5.0)) == ["queued", "run"]
+    assert sorted(journal.recover_interrupted(now=5.0).interrupted) == ["queued", "run"]
     run = journal.load_session("run")
     assert run is not None and run.state == "interrupted" and run.ended_at == 5.0
     assert [e.index for e in run.events] == [0, 1, 2, 3]
@@ -289,7 +289,7 @@ def test_done_and_the_final_state_are_one_journal_operation(tmp_path: Path) -> N
         return queued
 
     (op,) = asyncio.run(scenario())
-    assert [sql.split()[0] for sql, _ in op.statements] == ["INSERT", "UPDATE"]
+    assert [sql.split()[0] for sql, _ in op.statements] == ["INSERT", "UPDATE", "DELETE"]  # DELETE: its steps
     assert op.statements[0][1] == ("s", 0, main.DONE) and op.statements[1][1][0] == "finished"
 
 
@@ -301,7 +301,7 @@ def test_recovery_treats_a_session_whose_last_event_is_done_as_ended(tmp_path: P
         journal.record_event("ended", index, data)
     journal.record_state("ended", main.SessionState.RUNNING, None)
     journal.flush()
-    assert journal.recover_interrupted(now=5.0) == []
+    assert journal.recover_interrupted(now=5.0).interrupted == []
     ended = journal.load_session("ended")
     assert ended is not None and (ended.state, ended.ended_at) == ("finished", 5.0)
     assert [e.data for e in ended.events] == ['{"a": 1}', main.DONE]
@@ -325,7 +325,7 @@ def test_events_that_never_reached_a_failed_journal_are_marked_and_dropped_at_re
     assert journal.error is not None and journal.lost_from == {"s": 3}
     journal.close()  # writes the mark on a connection of its own
     reopened = main.SqliteJournal(tmp_path / "s.db")
-    assert reopened.recover_interrupted(now=9.0) == ["s"]
+    assert reopened.recover_interrupted(now=9.0).interrupted == ["s"]
     stored = reopened.load_session("s")
     assert stored is not None and (stored.state, stored.lost_from) == ("interrupted", 3)
     assert [e.data for e in stored.events] == ['{"i": 0}', '{"i": 1}', '{"i": 2}']  # no tail at 3, 4, ...
