@@ -69,6 +69,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -163,6 +164,8 @@ class Settings:
     persist_sessions: bool = False
     sessions_db_path: str = "sessions.db"
     sessions_ttl_seconds: float = 3600.0
+    session_store: str = ""  # redis://host:port/db: sessions shared by every replica in Redis; empty = this process
+    session_lease_seconds: float = 5.0  # with Redis: a dead replica's sessions are claimed by another after this
     restart_sessions: str = "continue"  # with persistence: a restart continues running sessions, or interrupts them
     continue_max_attempts: int = 2  # continuations of one session (each restart is one); then it is interrupted
     continue_max_age_seconds: float = 3600.0  # a session older than this at restart is interrupted, not continued
@@ -201,6 +204,12 @@ class Settings:
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
             ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
             ("restart_sessions", self.restart_sessions in ("continue", "interrupt"), "continue or interrupt"),
+            (
+                "session_store",
+                self.session_store.startswith(("redis://", "rediss://", "unix://")) or not self.session_store,
+                "empty or a redis:// URL",
+            ),
+            ("session_lease_seconds", self.session_lease_seconds >= 1, "at least 1"),
             ("continue_max_attempts", self.continue_max_attempts >= 0, "0 or more"),
             ("continue_max_age_seconds", self.continue_max_age_seconds > 0, "more than 0"),
             ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
@@ -257,8 +266,21 @@ class Settings:
     def api_keys(self) -> list[str]:
         return [key.strip() for key in self.api_key.split(",") if key.strip()]
 
+    def persists(self) -> bool:
+        """Whether sessions outlive this process: in SQLite (PERSIST_SESSIONS) or in Redis (SESSION_STORE)."""
+        return self.persist_sessions or bool(self.session_store)
+
     def secrets(self) -> list[str]:
-        return [s for s in (self.hf_token, *self.api_keys()) if s]
+        password = urllib.parse.urlsplit(self.session_store).password if self.session_store else None
+        return [s for s in (self.hf_token, *self.api_keys(), password) if s]
+
+
+def redact_url(url: str) -> str:
+    """A store URL for logs and /health: its password replaced."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -823,6 +845,10 @@ class ModelNotReady(APIError):
     status, type, code = 503, "service_unavailable_error", "model_not_ready"
 
 
+class StoreUnavailable(APIError):
+    status, type, code = 503, "service_unavailable_error", "session_store_unavailable"
+
+
 def make_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
 
@@ -1044,6 +1070,11 @@ def make_interrupted_error() -> dict[str, Any]:
     return make_error(
         "the generation was interrupted: the server stopped before it finished", "server_error", None, "interrupted"
     )
+
+
+def make_store_failed_error() -> dict[str, Any]:
+    return make_error("the generation was interrupted: the session store (Redis) stopped answering", "server_error",
+                      None, "session_store_unavailable")  # fmt: skip
 
 
 def make_events_lost_error(lost_from: int) -> dict[str, Any]:
@@ -4649,11 +4680,346 @@ class SqliteJournal:
             return int(self._reader.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
 
 
+REDIS_FENCED_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+return redis.call('XADD', KEYS[2], ARGV[2], 'd', ARGV[3])
+"""  # a replica that lost its lease on a session cannot append to it (another one has claimed it)
+REDIS_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+REDIS_BLOCK_MS = 1000  # one XREAD slice; deliberate: below redis-py's 5 s socket timeout, which breaks long blocks
+REDIS_RETRY_SECONDS = 1.0  # after a failure, how often the writer tries Redis again
+
+
+def stream_id(index: int) -> str:
+    """The Redis Stream entry id of event `index`: explicit and increasing, so that a retried append of the same
+    index is refused by Redis instead of duplicated."""
+    return f"0-{index + 1}"
+
+
+def stream_index(entry_id: str | bytes) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[2]) - 1
+
+
+@dataclass(frozen=True)
+class RedisOp:
+    """One queued write: commands for a pipeline, and what to run once Redis has acknowledged them."""
+
+    apply: Callable[[Any], object]
+    on_commit: Callable[[], object] | None = None
+    event: tuple[str, int] | None = None  # (session, index) of the event it writes
+    session: str = ""  # the session a lease-checked append writes to (refused once another replica claimed it)
+
+
+class RedisJournal:
+    """The same journal, in Redis, shared by every replica (SESSION_STORE=redis://...): per session a hash
+    (state, meta, plan, attempts, cancel flag), a Stream of events (entry id = index + 1) and one of steps, and
+    a lease held by the replica generating it. Writes are queued and sent in pipelines by one writer thread
+    (write-ahead: an event is sent to clients once Redis acknowledged it); appends are fenced by the lease. A
+    failure sets `error` (new requests get 503, running ones end) until Redis answers again."""
+
+    def __init__(self, url: str, replica: str, ttl_seconds: float, lease_seconds: float) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise RuntimeError("SESSION_STORE needs the redis package: pip install redis") from None
+
+        self.url, self.replica, self.ttl_ms = url, replica, int(ttl_seconds * 1000)
+        self.lease_ms = int(lease_seconds * 1000)
+        # Any: redis-py's annotations cover both its sync and async returns; every call here is sync
+        self.client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True)
+        self.client.ping()  # fails fast at start-up with the reason (refused, auth, ...)
+        self.error: str | None = None
+        self.lost_from: dict[str, int] = {}
+        self.on_failure: Callable[[str], object] | None = None  # called on the writer thread when Redis fails
+        self.on_fenced: Callable[[str], object] | None = None  # a session another replica has claimed
+        self._append = self.client.register_script(REDIS_FENCED_APPEND)
+        self._renew = self.client.register_script(REDIS_RENEW_LEASE)
+        self._queue: queue.Queue[RedisOp | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def keys(session_id: str) -> tuple[str, str, str, str]:
+        """(hash, events, steps, lease); the braces keep a session's keys on one Redis Cluster slot."""
+        base = f"llm:s:{{{session_id}}}"
+        return base, base + ":ev", base + ":st", base + ":lease"
+
+    # -- writes: queued, never blocking the caller --
+
+    def _put(self, op: RedisOp) -> None:
+        if self.error is None:
+            self._queue.put(op)
+        else:
+            self._note_lost([op])
+
+    def _note_lost(self, ops: list[RedisOp]) -> None:
+        for session_id, index in (op.event for op in ops if op.event is not None):
+            self.lost_from[session_id] = min(index, self.lost_from.get(session_id, index))
+
+    def record_session(
+        self, session_id: str, meta: StreamMeta, request_json: str, created_at: float, plan: str = ""
+    ) -> None:
+        meta_hash, events, steps, lease = self.keys(session_id)
+        fields = {"state": SessionState.QUEUED, "meta": json.dumps(meta.__dict__), "request": request_json,
+                  "created_at": created_at, "plan": plan, "attempts": 0, "owner": self.replica}  # fmt: skip
+        hold_ms = self.ttl_ms + 86_400_000  # deliberate: a running session must not expire under its writer
+
+        def apply(pipe: Any) -> None:
+            pipe.delete(meta_hash, events, steps)
+            pipe.hset(meta_hash, mapping=fields)
+            pipe.pexpire(meta_hash, hold_ms)
+            pipe.set(lease, self.replica, px=self.lease_ms)
+            pipe.sadd("llm:running", session_id)
+
+        self._put(RedisOp(apply))
+
+    def record_event(
+        self, session_id: str, index: int, data: str, on_commit: Callable[[], object] | None = None
+    ) -> None:
+        _, events, _, lease = self.keys(session_id)
+        self._put(RedisOp(self._appender(lease, events, index, data), on_commit, (session_id, index), session_id))
+
+    def record_step(self, session_id: str, seq: int, data: str) -> None:
+        _, _, steps, lease = self.keys(session_id)
+        self._put(RedisOp(self._appender(lease, steps, seq, data), session=session_id))
+
+    def _appender(self, lease: str, stream: str, index: int, data: str) -> Callable[[Any], object]:
+        return lambda pipe: self._append(keys=[lease, stream], args=[self.replica, stream_id(index), data], client=pipe)
+
+    def record_state(self, session_id: str, state: str, ended_at: float | None) -> None:
+        meta_hash = self.keys(session_id)[0]
+        self._put(RedisOp(lambda pipe: pipe.hset(meta_hash, mapping={"state": state, "ended_at": ended_at or ""})))
+
+    def record_end(
+        self, session_id: str, index: int, data: str, state: str, ended_at: float | None,
+        on_commit: Callable[[], object] | None = None,
+    ) -> None:  # fmt: skip
+        """[DONE] and the final state in one pipeline (MULTI): the ended session's keys then expire after the TTL."""
+        meta_hash, events, steps, lease = self.keys(session_id)
+
+        def apply(pipe: Any) -> None:
+            self._append(keys=[lease, events], args=[self.replica, stream_id(index), data], client=pipe)
+            pipe.hset(meta_hash, mapping={"state": state, "ended_at": ended_at or ""})
+            pipe.delete(steps, lease)
+            pipe.srem("llm:running", session_id)
+            pipe.pexpire(meta_hash, self.ttl_ms)
+            pipe.pexpire(events, self.ttl_ms)
+
+        self._put(RedisOp(apply, on_commit, (session_id, index), session_id))
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            ops = [op for op in batch if op is not None]
+            try:
+                if self.error is None and ops:
+                    self._send(ops)
+            except Exception as exc:  # deliberate: redis.RedisError, OSError: the store is gone, not the server
+                self._fail(f"session store {redact_url(self.url)} failed: {exc}")
+            finally:
+                if self.error is not None:
+                    self._note_lost(ops)
+                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
+                    if op.on_commit is not None:
+                        with contextlib.suppress(RuntimeError):
+                            op.on_commit()
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch:
+                return
+
+    def _send(self, ops: list[RedisOp]) -> None:
+        import redis
+
+        pipe = self.client.pipeline(transaction=False)
+        spans = []
+        for op in ops:
+            before = len(pipe.command_stack)
+            op.apply(pipe)
+            spans.append((op, before, len(pipe.command_stack)))
+        results = pipe.execute(raise_on_error=False)
+        for op, start, end in spans:
+            errors = [r for r in results[start:end] if isinstance(r, Exception)]
+            if any("FENCED" in str(r) for r in errors):
+                if self.on_fenced is not None:
+                    self.on_fenced(op.session)  # another replica has claimed it: this one stops writing it
+            elif any(not isinstance(r, redis.ResponseError) or "equal or smaller" not in str(r) for r in errors):
+                raise errors[0]  # deliberate: an "equal or smaller" id is a retried append, already written
+
+    def _fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            log.error("%s; new requests get 503 until it answers again", reason)
+            if self.on_failure is not None:
+                self.on_failure(reason)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        self.write_loss_marks()
+        self.client.close()
+
+    def write_loss_marks(self) -> bool:
+        """Once Redis answers again: the sessions that lost events while it was gone are marked (their replay ends
+        with `events_lost`), and the store is usable again. Tried at every sweep."""
+        if self.error is None and not self.lost_from:
+            return True
+        try:
+            self.client.ping()
+            marks = dict(self.lost_from)
+            pipe = self.client.pipeline(transaction=False)
+            for session_id, index in marks.items():
+                meta_hash, _, steps, lease = self.keys(session_id)
+                pipe.hset(meta_hash, mapping={"state": SessionState.INTERRUPTED, "lost_from": index,
+                                              "ended_at": time.time()})  # fmt: skip
+                pipe.delete(steps, lease)
+                pipe.srem("llm:running", session_id)
+                pipe.pexpire(meta_hash, self.ttl_ms)
+            pipe.execute()
+        except Exception as exc:  # deliberate: still down
+            log.warning("session store %s still unavailable: %s", redact_url(self.url), exc)
+            return False
+        for session_id in marks:
+            self.lost_from.pop(session_id, None)
+        if self.error is not None:
+            log.info("session store %s answers again; %d session(s) marked incomplete", redact_url(self.url),
+                     len(marks))  # fmt: skip
+        self.error = None
+        return True
+
+    # -- reads, leases and claims: blocking, call from worker threads --
+
+    def load_session(self, session_id: str) -> StoredSession | None:
+        self.flush()
+        meta_hash, events, steps, _ = self.keys(session_id)
+        fields = self.client.hgetall(meta_hash)
+        if not fields:
+            return None
+        entries = self.client.xrange(events)
+        step_entries = self.client.xrange(steps)
+        lost = fields.get("lost_from")
+        return StoredSession(
+            session_id, fields["state"], StreamMeta(**json.loads(fields["meta"])), float(fields["created_at"]),
+            float(fields["ended_at"]) if fields.get("ended_at") else None,
+            [Event(stream_index(i), e["d"]) for i, e in entries], int(lost) if lost else None, fields.get("plan", ""),
+            tuple(decode_step(e["d"]) for _, e in step_entries),
+        )  # fmt: skip
+
+    def read_events(self, session_id: str, start: int, stop: int) -> list[Event]:
+        self.flush()
+        if stop <= start:
+            return []
+        entries = self.client.xrange(self.keys(session_id)[1], stream_id(start), stream_id(stop - 1))
+        return [Event(stream_index(i), e["d"]) for i, e in entries]
+
+    def tail(self, session_id: str, after: int) -> list[Event]:
+        """Events after index `after`, waiting up to one short slice for the first (a follower's live tail)."""
+        found = self.client.xread({self.keys(session_id)[1]: stream_id(after)}, block=REDIS_BLOCK_MS, count=256)
+        return [Event(stream_index(i), e["d"]) for _, entries in found or [] for i, e in entries]
+
+    def count_reader(self, session_id: str, change: int) -> None:
+        """Readers of a session on every replica, for the disconnect grace window (queued: never blocks)."""
+        meta_hash = self.keys(session_id)[0]
+        self._put(RedisOp(lambda pipe: pipe.hincrby(meta_hash, "readers", change)))
+
+    def readers(self, session_id: str) -> int:
+        self.flush()
+        return int(self.client.hget(self.keys(session_id)[0], "readers") or 0)
+
+    def state_of(self, session_id: str) -> str | None:
+        state = self.client.hget(self.keys(session_id)[0], "state")
+        return None if state is None else str(state)
+
+    def request_cancel(self, session_id: str) -> None:
+        """A durable flag (the owner checks it at each lease renewal) and a message (it stops at its next step)."""
+        self.client.hset(self.keys(session_id)[0], "cancel", 1)
+        self.client.publish("llm:cancel", session_id)
+
+    def renew_leases(self, session_ids: list[str]) -> tuple[list[str], list[str]]:
+        """Renews this replica's leases: (the sessions whose lease another replica has taken, those with a cancel
+        flag set)."""
+        lost, cancelled = [], []
+        for session_id in session_ids:
+            meta_hash, _, _, lease = self.keys(session_id)
+            if not self._renew(keys=[lease], args=[self.replica, self.lease_ms]):
+                lost.append(session_id)
+            elif self.client.hget(meta_hash, "cancel"):
+                cancelled.append(session_id)
+        return lost, cancelled
+
+    def recover_interrupted(self, now: float, policy: ContinuePolicy | None = None) -> Recovery:
+        """Claims the unfinished sessions whose lease has expired (their replica died, or this one before its
+        restart): each is taken by exactly one replica (SET NX), then continued when `policy` allows it, else
+        ended with the interrupted tail. Run at start-up and every lease period."""
+        recovery = Recovery()
+        for session_id in self.client.smembers("llm:running"):
+            meta_hash, events, steps, lease = self.keys(session_id)
+            if self.client.exists(lease) or not self.client.set(lease, self.replica, nx=True, px=self.lease_ms):
+                continue
+            fields = self.client.hgetall(meta_hash)
+            if not fields or fields.get("state") in SessionState.ENDED:
+                self.client.srem("llm:running", session_id)
+                continue
+            attempts = int(fields.get("attempts") or 0)
+            allowed = policy is not None and fields.get("plan") and attempts < policy.max_attempts
+            if allowed and now - float(fields["created_at"]) <= policy.max_age_seconds:  # type: ignore[union-attr]
+                self.client.hincrby(meta_hash, "attempts", 1)
+                self.client.hset(meta_hash, "owner", self.replica)
+                recovery.continued.append(session_id)
+                continue
+            last = self.client.xrevrange(events, count=1)
+            start = stream_index(last[0][0]) + 1 if last else 0
+            for index, data in enumerate(interrupted_tail(), start):
+                self._append(keys=[lease, events], args=[self.replica, stream_id(index), data])
+            self.client.hset(meta_hash, mapping={"state": SessionState.INTERRUPTED, "ended_at": now})
+            self.client.delete(steps, lease)
+            self.client.srem("llm:running", session_id)
+            self.client.pexpire(meta_hash, self.ttl_ms)
+            self.client.pexpire(events, self.ttl_ms)
+            recovery.interrupted.append(session_id)
+        return recovery
+
+    def delete_ended_before(self, cutoff: float) -> int:
+        return 0  # deliberate: Redis expires ended sessions itself (PEXPIRE at their end)
+
+    def delete_session(self, session_id: str) -> None:
+        self._put(RedisOp(lambda pipe: pipe.delete(*self.keys(session_id))))
+
+    def count_sessions(self) -> int:
+        return sum(1 for _ in self.client.scan_iter(match="llm:s:{*}", count=1000, _type="hash"))
+
+    def subscribe_cancels(self, on_cancel: Callable[[str], object], stop: threading.Event) -> None:
+        """Runs on a thread of its own: every cancel message to `on_cancel` until `stop` (reconnecting if Redis
+        goes away; the durable flag covers what is missed meanwhile)."""
+        while not stop.is_set():
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe("llm:cancel")
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=REDIS_BLOCK_MS / 1000)
+                    if message is not None:
+                        on_cancel(str(message["data"]))
+                pubsub.close()
+            except Exception:  # deliberate: redis.RedisError, OSError: wait and subscribe again
+                stop.wait(REDIS_RETRY_SECONDS)
+
+
+Journal = SqliteJournal | RedisJournal
+
+
 class Session:
     """One generation's events and state. Written by its runner, read by any number of responses."""
 
     def __init__(
-        self, session_id: str, meta: StreamMeta, capacity: int, journal: SqliteJournal | None = None, key: str = ""
+        self, session_id: str, meta: StreamMeta, capacity: int, journal: Journal | None = None, key: str = ""
     ) -> None:
         self.id = session_id  # what the client sees
         self.key = key or session_id  # where it is stored: storage_key(owner, id)
@@ -4675,10 +5041,12 @@ class Session:
         self.steps = 0  # steps journaled so far
         self.replayed = 0  # a continuation's runner remakes the events held already: this many appends are those
         self.suspended = False  # the server stopped with it left to be continued: readers end, nothing is written
+        self.follower: asyncio.Task[None] | None = None  # another replica generates it: this tails its events
+        self.grace_check: asyncio.Task[None] | None = None  # with Redis: counting the readers on other replicas
         self._changed = asyncio.Event()
 
     @classmethod
-    def restore(cls, stored: StoredSession, capacity: int, journal: SqliteJournal) -> Session:
+    def restore(cls, stored: StoredSession, capacity: int, journal: Journal) -> Session:
         session = cls(stored.id.rpartition("/")[2], stored.meta, capacity, journal, key=stored.id)
         for event in stored.events:
             session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
@@ -4708,6 +5076,13 @@ class Session:
             self.journal.record_event(self.key, index, data, self._on_durable(index))
         self._notify()
         return index
+
+    def mirror(self, event: Event) -> None:
+        """An event another replica wrote (acknowledged by the store already), for this replica's readers."""
+        if event.index == self.buffer.next_index:  # deliberate: a repeated read of the tail is no new event
+            self.buffer.append(event.data)
+            self.durable_index = event.index
+            self._notify()
 
     def record_step(self, item: EngineEvent) -> None:
         """Journals one engine event (before the events made of it), for a restart to continue from."""
@@ -4797,13 +5172,31 @@ class Session:
         )  # fmt: skip
 
 
+async def follow_session(session: Session, journal: RedisJournal) -> None:
+    """Tails a session another replica generates (or a replica that claims it after that one died) into this
+    replica's copy, in short blocking reads, until its [DONE]; its final state is read then."""
+    while not session.ended:
+        try:
+            events = await asyncio.to_thread(journal.tail, session.key, session.buffer.next_index - 1)
+        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis away for a while: try again
+            log.warning("session %s: cannot read the session store: %s", session.id, exc)
+            await asyncio.sleep(REDIS_RETRY_SECONDS)
+            continue
+        for event in events:
+            session.mirror(event)
+        if session.buffer.next_index and session.buffer.read_from(session.buffer.next_index - 1)[0].data == DONE:
+            final: str | None = await asyncio.to_thread(journal.state_of, session.key)
+            session._enter(final or SessionState.FINISHED)
+            session._notify()
+
+
 class SessionStore:
     """Sessions in memory, bounded in number (the oldest ended go first), backed by the journal when enabled."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sessions: dict[str, Session] = {}
-        self.journal: SqliteJournal | None = None
+        self.journal: Journal | None = None
 
     def create(
         self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "", plan: str = ""
@@ -4833,11 +5226,22 @@ class SessionStore:
         except sqlite3.Error as exc:
             log.warning("session %s: the journal could not be read: %s", session_id, exc)
             return None
+        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis is away, and it may hold the session
+            raise StoreUnavailable(f"the session store could not be read: {exc}", headers={"Retry-After": "2"}) from exc
         if stored is None:
             return None
-        session = self.sessions.get(key) or Session.restore(stored, self.settings.session_buffer_events, self.journal)
+        session = self.sessions.get(key)
+        if session is None:
+            session = Session.restore(stored, self.settings.session_buffer_events, self.journal)
+            if isinstance(self.journal, RedisJournal) and not session.ended:  # another replica is generating it
+                session.follower = asyncio.get_running_loop().create_task(follow_session(session, self.journal))
         self.sessions[key] = session
         return session
+
+    def check_available(self) -> None:
+        """New generations need a store that answers (Redis may be away): else 503, retried later."""
+        if isinstance(self.journal, RedisJournal) and self.journal.error is not None:
+            raise StoreUnavailable(f"{self.journal.error}; try again shortly", headers={"Retry-After": "2"})
 
     async def get(self, session_id: str, owner: str = "") -> Session:
         session = await self.find(session_id, owner)
@@ -5169,13 +5573,18 @@ class DisconnectWatch:
         self.grace_seconds = grace_seconds
         self.metrics = metrics
         self.auto_cancels = 0
+        self.shared: RedisJournal | None = None  # with Redis: readers on every replica count
 
     def attach(self, session: Session) -> None:
         session.readers += 1
         session.cancel_grace_timer()  # a reader is back: the clock starts again at the next detach
+        if self.shared is not None and session.journal is self.shared:
+            self.shared.count_reader(session.key, 1)
 
     def detach(self, session: Session) -> None:
         session.readers -= 1
+        if self.shared is not None and session.journal is self.shared:
+            self.shared.count_reader(session.key, -1)
         self.unread(session)
 
     def unread(self, session: Session) -> None:
@@ -5183,11 +5592,38 @@ class DisconnectWatch:
         readers left with the old process)."""
         if session.readers > 0 or session.ended or self.grace_seconds <= 0 or session.meta.background:
             return  # deliberate: a background response runs whether or not anyone reads
+        if session.follower is not None:
+            return  # another replica generates it, and keeps its clock
         session.cancel_grace_timer()
         session.grace_timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._expire, session)
 
     def _expire(self, session: Session) -> None:
         session.grace_timer = None
+        if session.readers == 0 and not session.ended and self.shared is not None and session.journal is self.shared:
+            self._expire_shared(session)
+        elif session.readers == 0 and not session.ended:
+            self._cancel(session)
+
+    def _expire_shared(self, session: Session) -> None:
+        """The grace window ended with no reader here: readers on other replicas keep it going."""
+        shared = self.shared
+        assert shared is not None
+
+        async def check() -> None:
+            try:
+                elsewhere = await asyncio.to_thread(shared.readers, session.key)
+            except Exception:  # deliberate: Redis away: the store failure ends the session anyway
+                return
+            if session.readers == 0 and not session.ended:
+                if elsewhere > 0:
+                    session.grace_timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._expire,
+                                                                                session)  # fmt: skip
+                else:
+                    self._cancel(session)
+
+        session.grace_check = asyncio.get_running_loop().create_task(check())
+
+    def _cancel(self, session: Session) -> None:
         if session.readers == 0 and not session.ended:
             log.info("session %s: no reader for %.1f s, cancelling", session.id, self.grace_seconds)
             self.auto_cancels += 1
@@ -5328,7 +5764,9 @@ class AppState:
     watch: DisconnectWatch
     metrics: Metrics
     journal_error: str | None = None
-    continued: int = 0  # sessions this process continued at start-up
+    continued: int = 0  # sessions this process continued at start-up (and, with Redis, claimed since)
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    closers: list[Callable[[], object]] = field(default_factory=list)  # run at shutdown (background threads)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     ending: asyncio.Future[None] | None = None  # set once the server has begun ending its sessions
 
@@ -5346,7 +5784,7 @@ class AppState:
 
     def persistence(self) -> str:
         journal = self.store.journal
-        if not self.settings.persist_sessions:
+        if not self.settings.persists():
             return "off"
         error = self.journal_error or (journal.error if journal else None)
         return f"failed: {error}" if error else "ok"
@@ -5385,6 +5823,7 @@ async def start_generation(
     prepared, admitted and launched."""
     if session_id and (existing := await state.store.find(session_id, owner)):
         return existing  # an SDK retry of a named session attaches to it: never generate twice
+    state.store.check_available()
     params, prompts = await prepare()
     if session_id and (existing := state.store.peek(session_id, owner)):
         return existing  # created by a concurrent request while we prepared (no await from here to create)
@@ -5451,6 +5890,7 @@ async def start_response(state: AppState, request: ResponsesRequest, owner: str)
         previous = await find_response(state, request.previous_response_id, owner, "previous_response_id")
         history = await continued_conversation(previous)
     chat = to_chat_request(request, history)
+    state.store.check_available()
     params, prompt = await prepare_chat(state, chat)
     state.gate.admit()
     response_id, created, model = f"resp_{secrets.token_hex(16)}", int(time.time()), state.engine.model_name
@@ -5572,6 +6012,8 @@ async def cancel_session(state: AppState, session_id: str, owner: str) -> Cancel
     if not already_ended:
         state.metrics.cancels.labels(kind="manual").inc()
         session.request_cancel()
+        if session.follower is not None and isinstance(state.store.journal, RedisJournal):
+            await asyncio.to_thread(state.store.journal.request_cancel, session.key)  # to the replica generating it
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait_until_ended(session), CANCEL_WAIT_SECONDS)
     return CancelResult(**session.describe().model_dump(), already_ended=already_ended)
@@ -5582,27 +6024,111 @@ async def wait_until_ended(session: Session) -> None:
         await session.wait_for_events(session.buffer.next_index, 1.0)
 
 
+def continue_policy(settings: Settings) -> ContinuePolicy | None:
+    if settings.restart_sessions != "continue":
+        return None
+    return ContinuePolicy(settings.continue_max_attempts, settings.continue_max_age_seconds)
+
+
 async def open_journal(state: AppState) -> None:
-    """Opens the journal and deals with what the last process left unfinished: continued (RESTART_SESSIONS=
-    continue, within the attempt and age limits) or interrupted."""
-    path, settings = Path(state.settings.sessions_db_path), state.settings
-    policy = None
-    if settings.restart_sessions == "continue":
-        policy = ContinuePolicy(settings.continue_max_attempts, settings.continue_max_age_seconds)
+    """Opens the journal (SQLite, or Redis with SESSION_STORE) and deals with what was left unfinished: continued
+    (RESTART_SESSIONS=continue, within the attempt and age limits) or interrupted. With Redis, what another replica
+    leaves behind is claimed the same way later (`watch_replicas`)."""
+    settings = state.settings
+    where = f"session store {redact_url(settings.session_store)}" if settings.session_store else (
+        f"session journal {settings.sessions_db_path}")  # fmt: skip
     try:
-        journal = await asyncio.to_thread(SqliteJournal, path)
-        recovery = await asyncio.to_thread(journal.recover_interrupted, time.time(), policy)
-        stored = [await asyncio.to_thread(journal.load_session, key) for key in recovery.continued]
-    except (sqlite3.Error, OSError) as exc:
-        state.journal_error = f"session journal {path} could not be opened: {exc}"
+        journal: Journal
+        if settings.session_store:
+            ttl, lease = settings.sessions_ttl_seconds, settings.session_lease_seconds
+            journal = await asyncio.to_thread(RedisJournal, settings.session_store, state.replica, ttl, lease)
+        else:
+            journal = await asyncio.to_thread(SqliteJournal, Path(settings.sessions_db_path))
+        recovery = await claim_unfinished(state, journal)
+    except Exception as exc:  # deliberate: sqlite3.Error, OSError, redis.RedisError: serving goes on without it
+        state.journal_error = f"{where} could not be opened: {exc}"
         log.error("%s; serving goes on without persistence", state.journal_error)
         return
     state.store.journal = journal
-    for found in stored:
-        if found is not None:
-            continue_session(state, found)
-    log.info("session journal %s open; %d session(s) continued, %d interrupted", path, state.continued,
+    if isinstance(journal, RedisJournal):
+        state.watch.shared = journal
+        install_replica_hooks(state, journal)
+        state.spawn(watch_replicas(state, journal))
+    log.info("%s open; %d session(s) continued, %d interrupted", where, state.continued,
              len(recovery.interrupted))  # fmt: skip
+
+
+async def claim_unfinished(state: AppState, journal: Journal) -> Recovery:
+    """Continues (or interrupts) the unfinished sessions this process may take: at start-up, and with Redis
+    those whose replica's lease has expired."""
+    recovery = await asyncio.to_thread(journal.recover_interrupted, time.time(), continue_policy(state.settings))
+    for key in recovery.continued:
+        found = await asyncio.to_thread(journal.load_session, key)
+        if found is not None:
+            state.store.journal = journal
+            continue_session(state, found)
+    return recovery
+
+
+def install_replica_hooks(state: AppState, journal: RedisJournal) -> None:
+    """What other replicas (and Redis itself) can do to this one's sessions, posted to the event loop: a cancel
+    sent to another replica, a lease another replica has taken over, Redis going away."""
+    loop = asyncio.get_running_loop()
+
+    def on_loop(action: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nothing left to act on
+            loop.call_soon_threadsafe(action)
+
+    def cancel(key: str) -> None:
+        session = state.store.sessions.get(key)
+        if session is not None and not session.ended and session.follower is None:
+            session.request_cancel()
+
+    def fenced(key: str) -> None:
+        session = state.store.sessions.get(key)
+        if session is not None and not session.closed:
+            log.warning("session %s: another replica holds its lease now; this one stops writing it", session.id)
+            session.suspend()
+
+    journal.on_fenced = lambda key: on_loop(lambda: fenced(key))
+    journal.on_failure = lambda reason: on_loop(lambda: end_for_store_failure(state))
+    stop = threading.Event()
+    state.closers.append(stop.set)
+    threading.Thread(target=journal.subscribe_cancels, args=(lambda key: on_loop(lambda: cancel(key)), stop),
+                     name="redis-cancels", daemon=True).start()  # fmt: skip
+
+
+def end_for_store_failure(state: AppState) -> None:
+    """Redis stopped answering: this replica's running sessions end now, with an error event its readers still
+    get (from memory), rather than hang waiting for writes that cannot be acknowledged."""
+    for session in list(state.store.sessions.values()):
+        if not session.closed and session.follower is None:
+            session.cancel.set()
+            session.append(json.dumps(make_store_failed_error()))
+            session.finish(SessionState.INTERRUPTED)
+
+
+async def watch_replicas(state: AppState, journal: RedisJournal) -> None:
+    """Every third of a lease: renews this replica's leases (a cancel flag set meanwhile is honoured, a lease
+    another replica has taken stops the session here), claims the sessions of replicas whose lease expired,
+    and, after a Redis failure, notices when it answers again."""
+    period = state.settings.session_lease_seconds / 3
+    while True:
+        await asyncio.sleep(period)
+        try:
+            if journal.error is not None:
+                await asyncio.to_thread(journal.write_loss_marks)
+                continue
+            owned = [s.key for s in state.store.sessions.values() if not s.closed and s.follower is None]
+            lost, cancelled = await asyncio.to_thread(journal.renew_leases, owned)
+            for key in lost:
+                journal.on_fenced and journal.on_fenced(key)
+            for key in cancelled:
+                if (session := state.store.sessions.get(key)) is not None and not session.ended:
+                    session.request_cancel()
+            await claim_unfinished(state, journal)
+        except Exception as exc:  # deliberate: redis.RedisError, OSError: the writer reports it; try again
+            log.warning("session store %s: lease renewal failed: %s", redact_url(journal.url), exc)
 
 
 def continue_session(state: AppState, stored: StoredSession) -> None:
@@ -5690,6 +6216,8 @@ async def end_unfinished_sessions(state: AppState) -> None:
 async def shut_down(state: AppState) -> None:
     """Ends what is unfinished (if the streams' shutdown signal has not already) and closes the journal."""
     await state.drain()
+    for close in state.closers:
+        close()
     if state.store.journal is not None:
         await asyncio.to_thread(state.store.journal.close)
 
@@ -5861,7 +6389,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings)
         log.info("serving %s", settings.model_repo_id)  # uvicorn logs the address it really bound
-        if settings.persist_sessions:
+        if settings.persists():
             await open_journal(state)
         if settings.preload_model:
             state.spawn(preload(state.engine))

@@ -549,6 +549,27 @@ def time_to_first_replayed_event(url: str, session_id: str, after: int) -> float
         return time.perf_counter() - started
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str] | None:
+    """A throwaway redis-server on a free port (None where it is not installed)."""
+    import shutil
+    import socket
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        return None
+    port = free_port()
+    proc = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    proc.kill()
+    return None
+
+
 def crash_mid_stream(server: Server, new_tokens: int) -> tuple[str, int]:
     """A long stream read for 5 content events, then the server killed (no shutdown code runs): (session, last
     index the client holds)."""
@@ -725,6 +746,8 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     report.add("kill -9 mid-stream -> restart -> first continued event", f"{total:.2f} s",
                f"{after_ready * 1000:.0f} ms of it once the restarted server is ready")  # fmt: skip
 
+    measure_redis(report, model_dir, args, top, single_tok_s, top_figures.aggregate_tok_s)
+
     for cb in (False, True):
         label = "transformers serve" + (" --continuous-batching" if cb else "")
         try:
@@ -757,6 +780,35 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                     f"{args.runs} runs (median) after a warm-up, concurrency {args.concurrency}",
     }  # fmt: skip
     return report, context
+
+
+def measure_redis(report: Report, model_dir: Path, args: argparse.Namespace, top: int, single_tok_s: float,
+                  top_tok_s: float) -> None:  # fmt: skip
+    """SESSION_STORE=redis: the per-token cost against the in-memory store of the same run, and a resume read
+    from another replica (rows beside the SQLite ones above)."""
+    redis = start_redis()
+    if redis is None:
+        report.add("Redis session store", "not run", "redis-server is not installed")
+        return
+    proc, url = redis
+    env = {"SESSION_STORE": url}
+    replicas = [start_ours(model_dir, args.dtype, args.device, top, f"replica-{i}", **env) for i in (0, 1)]
+    try:
+        tok_s, _ = measure_single(replicas[0].url, args.new_tokens, args.runs)
+        report.add("Redis store overhead: tok/s with / without SESSION_STORE", ratio(tok_s, single_tok_s),
+                   f"{tok_s:.1f} vs {single_tok_s:.1f} tok/s, 1 stream")  # fmt: skip
+        shared = measure_concurrency(replicas[0].url, top, args.new_tokens, args.runs).aggregate_tok_s
+        report.add(f"Redis store overhead, {top} concurrent", ratio(shared, top_tok_s),
+                   f"{shared:.1f} vs {top_tok_s:.1f} tok/s")  # fmt: skip
+        sessions = [stream_chat(replicas[0].url, chat_body(2, 16)).session_id for _ in range(args.runs)]
+        latencies = [time_to_first_replayed_event(replicas[1].url, str(s), 3) for s in sessions]
+        report.add("resume latency, Redis, on another replica", f"{statistics.median(latencies) * 1000:.1f} ms",
+                   "to the first replayed event (the session read from Redis)")  # fmt: skip
+    finally:
+        for replica in replicas:
+            replica.stop()
+        proc.kill()
+        proc.wait(10)
 
 
 def write_markdown(path: Path, report: Report, context: dict[str, str], quick: bool) -> None:

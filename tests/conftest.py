@@ -444,3 +444,46 @@ def weather_tool(seen: list[str]) -> Any:
         return f"sunny in {city}"
 
     return get_weather
+
+
+# ---- a real Redis (Debian's redis-server) ---------------------------------------------------------------------
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1 and a free port, no persistence; stop() and start() again on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port, self.directory = free_port(), directory
+        self.proc: Any = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import shutil
+        import subprocess
+
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+        self.proc = subprocess.Popen([executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.directory)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

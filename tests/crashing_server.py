@@ -1,7 +1,8 @@
-"""A real server (uvicorn, the real app, the real journal) whose scripted engine kills its own process, like a
-segfault no shutdown code sees, whenever it streams a token of a request with max_tokens=13: the poison request
-of test_continuation.py, which crashes every attempt to continue it. Run as a script: `python crashing_server.py`,
-configured by the same environment variables as main.py."""
+"""A real server (uvicorn, the real app, the real journal) on a scripted engine: SCRIPTED_TOKENS tokens "t0 ",
+"t1 ", ... at SCRIPTED_DELAY seconds each (timing that a real model on 2 cores cannot promise). It kills its own
+process, like a segfault no shutdown code sees, whenever it streams a token of a request with max_tokens=13: the
+poison request of test_continuation.py, which crashes every attempt to continue it. Run as a script:
+`python crashing_server.py`, configured by the same environment variables as main.py."""
 
 from __future__ import annotations
 
@@ -37,5 +38,6 @@ class CrashingEngine(ScriptedEngine):
 
 if __name__ == "__main__":
     settings = main.Settings.from_env(os.environ)
-    engine = CrashingEngine([f"t{i} " for i in range(20)])
+    tokens, delay = int(os.environ.get("SCRIPTED_TOKENS", "20")), float(os.environ.get("SCRIPTED_DELAY", "0"))
+    engine = CrashingEngine([f"t{i} " for i in range(tokens)], delay_seconds=delay)
     uvicorn.run(main.create_app(settings, engine), host=settings.host, port=settings.port, log_level="info")
