@@ -85,7 +85,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -5963,6 +5963,14 @@ class EventStream(EventSourceResponse):
             raise
 
 
+CHAT_PAGE = Path(__file__).with_name("chat.html")
+# deliberate: the page's own inline code and nothing else may run, and it connects only to this server; images
+# the user attaches are data: URLs
+CHAT_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'",
+}
 SHUTDOWN_GRACE_SECONDS = 5.0  # after a shutdown signal, how long open streams get to send their last events
 
 
@@ -6496,6 +6504,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await wait_until_ended(session)
         await state.store.delete(session)
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        """The built-in chat page: one static file, read per request (nothing at import), only the public API."""
+        return FileResponse(CHAT_PAGE, media_type="text/html", headers=CHAT_PAGE_HEADERS)
 
     @app.get("/v1/sessions/{session_id}/events", response_model=None, responses=stream_responses())
     async def session_events(
