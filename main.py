@@ -6556,7 +6556,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         metrics.sessions_in_memory.set(len(state.store.sessions))
         journal = state.store.journal
         if journal is not None and journal.error is None:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):  # deliberate: sqlite3 or Redis errors; /health reports the store
                 metrics.sessions_on_disk.set(await asyncio.to_thread(journal.count_sessions))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
