@@ -475,6 +475,18 @@ def measure_concurrency(url: str, n: int, new_tokens: int, runs: int, model: str
                               ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))])  # fmt: skip
 
 
+def one_stream_tok_s(url: str, new_tokens: int, model: str | None = None, extra: dict[str, Any] | None = None
+                     ) -> float:  # fmt: skip
+    """One stream's decode tok/s (one run: a job for `interleaved`)."""
+    return stream_chat(url, chat_body(0, new_tokens, model, extra)).decode_tok_s
+
+
+def concurrent_tok_s(url: str, n: int, new_tokens: int, model: str | None = None,
+                     extra: dict[str, Any] | None = None) -> float:  # fmt: skip
+    """The aggregate tok/s of `n` streams sent at once (one run: a job for `interleaved`)."""
+    return aggregate_tok_s(concurrent(url, n, new_tokens, model, extra))
+
+
 def choices_tok_s(url: str, n: int, new_tokens: int) -> float:
     """Aggregate tok/s of one streamed request with `n` choices (usage counts every choice)."""
     return aggregate_tok_s([stream_chat(url, {**chat_body(0, new_tokens), "n": n})])
@@ -653,14 +665,14 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
         tokens = args.new_tokens
         # the features against plain requests on the same server, interleaved round by round (see `interleaved`)
         singles = interleaved({
-            "plain": lambda: stream_chat(ours.url, chat_body(0, tokens)).decode_tok_s,
-            "json_schema": lambda: stream_chat(ours.url, chat_body(0, tokens, extra=STORY_FORMAT)).decode_tok_s,
+            "plain": functools.partial(one_stream_tok_s, ours.url, tokens),
+            "json_schema": functools.partial(one_stream_tok_s, ours.url, tokens, extra=STORY_FORMAT),
             "responses": lambda: stream_response(ours.url, 0, tokens).decode_tok_s,
         }, args.runs)  # fmt: skip
         jobs: dict[str, Callable[[], float]] = {
-            "plain": lambda: aggregate_tok_s(concurrent(ours.url, top, tokens)),
-            "json_schema": lambda: aggregate_tok_s(concurrent(ours.url, top, tokens, extra=STORY_FORMAT)),
-            **{label: functools.partial(lambda e: aggregate_tok_s(concurrent(ours.url, top, tokens, extra=e)), extra)
+            "plain": functools.partial(concurrent_tok_s, ours.url, top, tokens),
+            "json_schema": functools.partial(concurrent_tok_s, ours.url, top, tokens, extra=STORY_FORMAT),
+            **{label: functools.partial(concurrent_tok_s, ours.url, top, tokens, extra=extra)
                for label, extra in SAMPLING_ROWS},
             "n": lambda: choices_tok_s(ours.url, top, tokens),
             "responses": lambda: aggregate_tok_s(all_at_once(top, lambda k: stream_response(ours.url, k, tokens))),
@@ -715,8 +727,8 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
         # the free streams get the same tools in their prompt (tool_choice auto): the same prefill, unforced
         auto = {**TOOL_FORMAT, "tool_choice": "auto"}
         tooled_tops = interleaved({
-            "free": lambda: aggregate_tok_s(concurrent(tooled.url, top, args.new_tokens, extra=auto)),
-            "forced": lambda: aggregate_tok_s(concurrent(tooled.url, top, args.new_tokens, extra=TOOL_FORMAT)),
+            "free": functools.partial(concurrent_tok_s, tooled.url, top, args.new_tokens, extra=auto),
+            "forced": functools.partial(concurrent_tok_s, tooled.url, top, args.new_tokens, extra=TOOL_FORMAT),
         }, args.runs)  # fmt: skip
         free, forced = tooled_tops["free"], tooled_tops["forced"]
         report.add(f"forced tool call aggregate tok/s, {top} concurrent", f"{forced:.1f}",
@@ -772,14 +784,10 @@ def measure_stores(report: Report, model_dir: Path, args: argparse.Namespace, to
         if redis is not None:
             servers["Redis"] = start("replica-0", SESSION_STORE=redis[1])
 
-        def single(url: str) -> float:
-            return stream_chat(url, chat_body(0, tokens)).decode_tok_s
-
-        def full(url: str) -> float:
-            return aggregate_tok_s(concurrent(url, top, tokens))
-
-        singles = interleaved({name: functools.partial(single, s.url) for name, s in servers.items()}, args.runs)
-        tops = interleaved({name: functools.partial(full, s.url) for name, s in servers.items()}, args.runs)
+        singles = interleaved({name: functools.partial(one_stream_tok_s, s.url, tokens)
+                               for name, s in servers.items()}, args.runs)  # fmt: skip
+        tops = interleaved({name: functools.partial(concurrent_tok_s, s.url, top, tokens)
+                            for name, s in servers.items()}, args.runs)  # fmt: skip
         for name in (n for n in servers if n != "memory"):
             what = "events and steps, write-ahead" + (" (goal: at most 3% slower)" if name == "SQLite" else "")
             report.add(f"{name} store: tok/s vs memory, 1 stream", ratio(singles[name], singles["memory"]),
@@ -819,12 +827,6 @@ def measure_peers(report: Report, model_dir: Path, args: argparse.Namespace, top
     """`transformers serve`, plain and with continuous batching, each against a fresh server of ours alive beside
     it, the two measured interleaved (one stream, then `top` concurrent)."""
 
-    def single(url: str, model: str | None) -> float:
-        return stream_chat(url, chat_body(0, args.new_tokens, model)).decode_tok_s
-
-    def full(url: str, model: str | None) -> float:
-        return aggregate_tok_s(concurrent(url, top, args.new_tokens, model))
-
     ours = start_ours(model_dir, args.dtype, args.device, top, "ours-beside-peer")
     try:
         for cb in (False, True):
@@ -836,8 +838,10 @@ def measure_peers(report: Report, model_dir: Path, args: argparse.Namespace, top
                 continue
             try:
                 targets = {"ours": (ours.url, None), "peer": (peer.url, str(model_dir))}
-                singles = interleaved({who: functools.partial(single, *t) for who, t in targets.items()}, args.runs)
-                tops = interleaved({who: functools.partial(full, *t) for who, t in targets.items()}, args.runs)
+                singles = interleaved({who: functools.partial(one_stream_tok_s, url, args.new_tokens, model)
+                                       for who, (url, model) in targets.items()}, args.runs)  # fmt: skip
+                tops = interleaved({who: functools.partial(concurrent_tok_s, url, top, args.new_tokens, model)
+                                    for who, (url, model) in targets.items()}, args.runs)  # fmt: skip
                 report.add(f"peer: {label}, decode tok/s, 1 stream", f"{singles['peer']:.1f}",
                            f"ours/peer {ratio(singles['ours'], singles['peer'])} (ours {singles['ours']:.1f}, "
                            "interleaved)")  # fmt: skip
