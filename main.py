@@ -582,6 +582,19 @@ class TextConfig(WireModel):
     format: Annotated[TextFormat | JsonObjectFormat | FlatJsonSchemaFormat, Field(discriminator="type")] | None = None
 
 
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+ResponseIncludable = Literal[
+    "message.output_text.logprobs",  # built: logprobs on output_text parts and delta events
+    "message.input_image.image_url",  # input items list their image urls anyway
+    "reasoning.encrypted_content",  # deliberate: reasoning is kept as text, never encrypted: nothing to add
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",  # hosted tools this server has not
+]  # the spec's IncludeEnum: another value is a 400 naming `include`
+
+
 class ResponsesRequest(WireModel):
     model: str | None = None  # informational, as on chat completions
     input: str | list[InputItem] = Field(min_length=1)
@@ -599,6 +612,13 @@ class ResponsesRequest(WireModel):
     store: bool | None = None  # deliberate: every response is kept (for its TTL); nothing is lost either way
     metadata: dict[str, str] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    include: list[ResponseIncludable] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Asked by `include` (as OpenAI returns them) or by `top_logprobs` alone (deliberate: never ignored)."""
+        return OUTPUT_TEXT_LOGPROBS in (self.include or ()) or self.top_logprobs is not None
 
 
 # -- response bodies: typed, so that /openapi.json documents every response; the protocol section builds them --
@@ -908,7 +928,7 @@ def describe_validation_error(errors: list[Any]) -> BadRequest:
 
 DONE = "[DONE]"
 SSE_LINE_END = "\n"  # deliberate: sse-starlette's default is CRLF; clients and tests rely on LF framing
-KEEPALIVE_TEXT = "keep-alive"  # the comment line sse-starlette's ping sends: `: keep-alive`
+KEEPALIVE_LINE = b": keep-alive\n"  # deliberate: no blank line after it (see KeepaliveComment)
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
@@ -954,6 +974,8 @@ class GenerationParams:
     min_p: float = 0.0
     min_tokens: int = 0  # end-of-text is masked until this many tokens
     ignore_eos: bool = False  # end-of-text does not end the answer (benchmarks)
+    score_end_token: bool = False  # a generated end-of-text token gets its logprob entry too (legacy completions:
+    # lm-evaluation-harness reads the last entry as the generated token's; chat, as OpenAI's, lists text tokens only)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -1101,8 +1123,18 @@ def make_sse_event(data: str, event_id: str | None = None, event: str | None = N
     return ServerSentEvent(data, id=event_id, event=event, sep=SSE_LINE_END)
 
 
+class KeepaliveComment(ServerSentEvent):
+    """The keep-alive: one comment line and no blank line after it, so it travels with the next event. Bytes keep
+    proxies from timing out a long prefill, and no client dispatches anything. Deliberate: a blank line after the
+    comment (sse-starlette's ping) makes openai-python, which never resets the last event id as the SSE spec says,
+    dispatch an empty event and fail parsing it as JSON on every stream that outlives one interval."""
+
+    def encode(self) -> bytes:
+        return KEEPALIVE_LINE
+
+
 def make_keepalive() -> ServerSentEvent:
-    return ServerSentEvent(comment=KEEPALIVE_TEXT, sep=SSE_LINE_END)
+    return KeepaliveComment(sep=SSE_LINE_END)
 
 
 def encode_sse(data: str, event_id: str | None = None, event: str | None = None) -> bytes:
@@ -1137,13 +1169,15 @@ def to_top_logprob(text: str, logprob: float, raw: bytes) -> TopLogprob:
     return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
 
 
+def to_token_logprobs(scores: Sequence[TokenScore]) -> list[TokenLogprob]:
+    """Scored tokens as the entries chat's `logprobs.content` and a Responses `output_text` part list."""
+    return [TokenLogprob(token=s.token, logprob=s.logprob if s.logprob is not None else 0.0, bytes=list(s.raw),
+                         top_logprobs=[to_top_logprob(*top) for top in s.top]) for s in scores]  # fmt: skip
+
+
 def to_choice_logprobs(scores: Sequence[TokenScore]) -> ChoiceLogprobs | None:
-    """Scored tokens as chat's `logprobs.content` entries; None (the field's null) when there are none."""
-    if not scores:
-        return None
-    content = [TokenLogprob(token=s.token, logprob=s.logprob if s.logprob is not None else 0.0, bytes=list(s.raw),
-                            top_logprobs=[to_top_logprob(*top) for top in s.top]) for s in scores]  # fmt: skip
-    return ChoiceLogprobs(content=content)
+    """Scored tokens as chat's `logprobs`; None (the field's null) when there are none."""
+    return ChoiceLogprobs(content=to_token_logprobs(scores)) if scores else None
 
 
 class LogprobAligner:
@@ -1556,7 +1590,8 @@ def to_completion_params(request: CompletionRequest, settings: Settings) -> Gene
         raise BadRequest("max_tokens 0 only makes sense with echo (to score the prompt)", param="max_tokens")
     max_new_tokens = settings.max_tokens if request.max_tokens is None else request.max_tokens
     return replace(to_sampling_params(request, max_new_tokens, settings), logprobs=request.logprobs,
-                   prompt_logprobs=bool(request.echo) and request.logprobs is not None)  # fmt: skip
+                   prompt_logprobs=bool(request.echo) and request.logprobs is not None,
+                   score_end_token=request.logprobs is not None)  # fmt: skip
 
 
 def to_prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -1966,6 +2001,8 @@ def to_chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) ->
     fields = {"parallel_tool_calls": request.parallel_tool_calls, "temperature": request.temperature,
               "top_p": request.top_p, "max_completion_tokens": request.max_output_tokens,
               "chat_template_kwargs": request.chat_template_kwargs}  # fmt: skip
+    if request.wants_logprobs:
+        fields |= {"logprobs": True, "top_logprobs": request.top_logprobs or 0}
     body.update({key: value for key, value in fields.items() if value is not None})
     try:
         return ChatCompletionRequest.model_validate(body)
@@ -2014,7 +2051,7 @@ def make_response_object(response_id: str, created: int, model: str, request: Re
         "instructions": request.instructions, "max_output_tokens": request.max_output_tokens, "model": model,
         "output": [], "parallel_tool_calls": request.parallel_tool_calls is not False,
         "previous_response_id": request.previous_response_id, "store": request.store is not False,
-        "temperature": request.temperature, "top_p": request.top_p,
+        "temperature": request.temperature, "top_p": request.top_p, "top_logprobs": request.top_logprobs,
         "text": {"format": shown_format},
         "tool_choice": request.tool_choice.model_dump() if isinstance(request.tool_choice, BaseModel)
                        else request.tool_choice or "auto",
@@ -2023,8 +2060,13 @@ def make_response_object(response_id: str, created: int, model: str, request: Re
     }  # fmt: skip
 
 
+def compact_json(value: Any) -> str:
+    """JSON as the chat chunks are written: compact, non-ASCII as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def make_response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
@@ -2043,6 +2085,7 @@ class ResponsesEvents:
         self.open: str | None = None  # the type of the open item: "message", "function_call", "reasoning"
         self.text: list[str] = []  # the open message's or reasoning's text, joined when it closes
         self.finished = Finished("stop", 0)  # how the (one) choice ended, for `close`
+        self.scores: list[TokenScore] = []  # scored tokens (logprobs asked for) whose text made no event yet
 
     @property
     def calls(self) -> int:
@@ -2053,9 +2096,7 @@ class ResponsesEvents:
         return self.parser.done
 
     def _event(self, type_: str, **fields: Any) -> str:
-        event = json.dumps(
-            {"type": type_, "sequence_number": self.sequence, **fields}, ensure_ascii=False, separators=(",", ":")
-        )  # compact, as the chat chunks; `type` first (EVENT_TYPE_AT)
+        event = compact_json({"type": type_, "sequence_number": self.sequence, **fields})  # type first: EVENT_TYPE_AT
         self.sequence += 1
         return event
 
@@ -2065,7 +2106,9 @@ class ResponsesEvents:
                 self._event("response.in_progress", response=self.response)]  # fmt: skip
 
     def encode(self, text: str, scores: Sequence[TokenScore] = ()) -> list[str]:
-        """`scores` are never asked for here (the Responses request has no logprobs field this server reads)."""
+        """Scored tokens go with the next output_text delta; those that made reasoning or a call are dropped
+        (the API lists logprobs for output text only)."""
+        self.scores.extend(scores)
         return [event for piece in self.parser.feed(text) for event in self._piece(piece)] if text else []
 
     def echo(self, scores: Sequence[TokenScore]) -> list[str]:
@@ -2076,6 +2119,7 @@ class ResponsesEvents:
 
     def _piece(self, piece: OutputPiece) -> list[str]:
         index = len(self.items) - 1
+        scored, self.scores = self.scores, []
         if isinstance(piece, ToolCallArguments):
             self.items[index]["arguments"] += piece.text
             return [self._event("response.function_call_arguments.delta", item_id=self.items[index]["id"],
@@ -2086,14 +2130,21 @@ class ResponsesEvents:
         item = self.items[index]
         if isinstance(piece, ContentPiece | ReasoningPiece):
             self.text.append(piece.text)
-            events.append(self.text_delta(isinstance(piece, ContentPiece), item["id"], index, piece.text))
+            is_text = isinstance(piece, ContentPiece)
+            logprobs = [entry.model_dump() for entry in to_token_logprobs(scored)] if is_text else None
+            if logprobs:
+                item["content"][0]["logprobs"] += logprobs
+            events.append(self.text_delta(item["id"], index, piece.text, logprobs))
         return events
 
-    def text_delta(self, output_text: bool, item_id: str, index: int, text: str) -> str:
-        """An output_text (or reasoning_text) delta event, the per-token hot path: the bytes `_event` would make
-        (a test holds them equal), without building and dumping a dict."""
+    def text_delta(self, item_id: str, index: int, text: str, logprobs: list[dict[str, Any]] | None) -> str:
+        """An output_text delta event (`logprobs` a list, empty when not asked for) or a reasoning_text one (None),
+        the per-token hot path: the bytes `_event` would make (a test holds them equal), without building and
+        dumping a dict."""
         sequence, self.sequence = self.sequence, self.sequence + 1
-        kind, tail = ("output_text", ',"logprobs":[]}') if output_text else ("reasoning_text", "}")
+        kind, tail = ("reasoning_text", "}")
+        if logprobs is not None:
+            kind, tail = "output_text", f',"logprobs":{compact_json(logprobs)}}}'
         delta = json.dumps(text, ensure_ascii=False)
         return (f'{{"type":"response.{kind}.delta","sequence_number":{sequence},"item_id":"{item_id}",'
                 f'"output_index":{index},"content_index":0,"delta":{delta}{tail}')  # fmt: skip
@@ -2121,8 +2172,8 @@ class ResponsesEvents:
         shown = {**item, "content": []} if "content" in item else dict(item)
         events = [self._event("response.output_item.added", output_index=index, item=shown)]
         if kind == "message":
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            item["content"].append(dict(part))
+            part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item["content"].append({**part, "logprobs": []})
             events.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
                                       content_index=0, part=part))  # fmt: skip
         return events
@@ -2137,7 +2188,7 @@ class ResponsesEvents:
         if kind == "message":
             part = item["content"][0]
             events.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                      content_index=0, text=part["text"], logprobs=[]))  # fmt: skip
+                                      content_index=0, text=part["text"], logprobs=part["logprobs"]))  # fmt: skip
             events.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                       content_index=0, part=part))  # fmt: skip
         elif kind == "reasoning":
@@ -3193,10 +3244,11 @@ def infer_choice(
         while (item := tokens.get()) is not _BATCH_END:
             token, score = cast(tuple[int, TokenScore | None], item)
             generated.append(token)
-            if token in eos and not params.ignore_eos:
-                continue  # end-of-text is not part of the answer, nor of its logprobs
-            if score is not None:
+            ends = token in eos and not params.ignore_eos
+            if score is not None and (params.score_end_token or not ends):
                 row.pending.append(score)
+            if ends:
+                continue  # end-of-text is not part of the answer (its entry, if any, goes with the tail)
             row.tokens.append(token)
             text = row.decoder.push(token)
             if text or row.pending:
@@ -3205,8 +3257,8 @@ def infer_choice(
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        if tail := row.decoder.flush():
-            yield Delta(tail, choice, (), tuple(row.tokens))
+        if (tail := row.decoder.flush()) or row.pending:
+            yield Delta(tail, choice, tuple(row.pending), tuple(row.tokens))
         stopped = cancel.is_set() or (end is not None and end.is_set())
         yield Finished(finish_reason_of(generated, eos, params, stopped), len(generated), choice)
     finally:
@@ -3872,12 +3924,13 @@ class BatchScheduler:
             return  # its constraint failed at this step
         request.generated += 1
         count_token(request, token)
-        if token in self.eos and not request.params.ignore_eos:
-            request.finish("stop")  # end-of-text is not part of the answer, nor of its logprobs
-            return
-        if request.scores is not None:
+        ends = token in self.eos and not request.params.ignore_eos
+        if request.scores is not None and (request.params.score_end_token or not ends):
             request.pending.append(self.texts.score(request.scores, token, request.params.logprobs or 0))
-            request.scores = None
+        request.scores = None
+        if ends:
+            request.finish("stop")  # end-of-text is not part of the answer (its entry, if any, goes with the tail)
+            return
         if request.constraint is not None:
             try:
                 request.constraint.advance(token)
@@ -6503,7 +6556,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             session.request_cancel()
             await wait_until_ended(session)
         await state.store.delete(session)
-        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})  # the spec's example
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> Response:

@@ -71,9 +71,15 @@ WORDS = [
 ]
 
 
+TEST_KEEPALIVE_SECONDS = 0.05  # deliberate: keep-alives land inside every test stream (issue 27: one that ended
+# each openai-python stream after 15 s hid behind test streams shorter than the interval)
+
+
 def make_settings(**overrides: Any) -> main.Settings:
-    """Settings as the server would read them from the environment, from a plain dict."""
-    return main.Settings.from_env({k.upper(): str(v) for k, v in overrides.items()})
+    """Settings as the server would read them from the environment, from a plain dict; keep-alives every
+    TEST_KEEPALIVE_SECONDS unless the test says otherwise."""
+    values = {"keepalive_seconds": TEST_KEEPALIVE_SECONDS, **overrides}
+    return main.Settings.from_env({k.upper(): str(v) for k, v in values.items()})
 
 
 # ---- scripted engine (for races: per-token delay, cancel, slow loads) ------------------------------------------

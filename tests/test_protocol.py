@@ -405,8 +405,9 @@ def test_an_assistant_message_may_have_no_content() -> None:
 # listed by tests/test_spec.py from the spec itself; null means "the default".
 SPEC_NULLABLE_REQUEST_FIELDS = [
     "audio", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
-    "modalities", "n", "prediction", "presence_penalty", "prompt_cache_retention", "reasoning_effort", "seed",
-    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "top_logprobs", "top_p", "verbosity",
+    "modalities", "moderation", "n", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_retention",
+    "reasoning_effort", "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
+    "temperature", "top_logprobs", "top_p", "verbosity",
 ]  # fmt: skip
 
 

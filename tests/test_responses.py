@@ -132,17 +132,21 @@ def test_engine_output_becomes_the_apis_events_in_order_and_valid(
     assert partial["output"] == final["output"] and partial["status"] == "in_progress"
 
 
+SCORED = [{"token": "é", "logprob": -0.25, "bytes": [195, 169], "top_logprobs": [{"token": "é", "logprob": -0.25,
+                                                                              "bytes": [195, 169]}]}]  # fmt: skip
+
+
 @pytest.mark.parametrize("text", ["Hello", ' "quoted"\n', "café 日本 😀", ""])
-@pytest.mark.parametrize("output_text", [True, False])
-def test_the_fast_text_delta_is_the_generic_events_bytes(text: str, output_text: bool) -> None:
+@pytest.mark.parametrize("logprobs", [[], SCORED, None])  # None: a reasoning_text delta
+def test_the_fast_text_delta_is_the_generic_events_bytes(text: str, logprobs: list[dict[str, Any]] | None) -> None:
     events = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
     events.sequence = 12
-    kind = "response.output_text.delta" if output_text else "response.reasoning_text.delta"
+    kind = "response.output_text.delta" if logprobs is not None else "response.reasoning_text.delta"
     fields = {"item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": text}
     generic = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
     generic.sequence = 12
-    expected = generic._event(kind, **fields, **({"logprobs": []} if output_text else {}))
-    assert events.text_delta(output_text, "msg_1", 2, text) == expected
+    expected = generic._event(kind, **fields, **({"logprobs": logprobs} if logprobs is not None else {}))
+    assert events.text_delta("msg_1", 2, text, logprobs) == expected
 
 
 def test_the_tool_call_item_carries_the_arguments_written() -> None:
@@ -276,7 +280,10 @@ def test_cancel_twice_and_delete(server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.cancel(plain.id)
     assert caught.value.body["message"] == "only background responses can be cancelled"  # type: ignore[index]
-    client.responses.delete(started.id)
+    deleted = httpx.delete(f"{server.url}/v1/responses/{started.id}", timeout=30)
+    assert deleted.json() == {"id": started.id, "object": "response", "deleted": True}  # the spec's example
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(started.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(started.id)
 
@@ -380,3 +387,30 @@ def raw_events_with_key(live: LiveServer, response_id: str, key: str) -> list[st
     with httpx.stream("GET", f"{live.url}/v1/responses/{response_id}", params={"stream": "true"}, headers=headers,
                       timeout=60) as response:  # fmt: skip
         return [line for line in response.iter_lines() if line]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, (None, None)),
+        ({"include": ["message.output_text.logprobs"]}, (True, 0)),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 2}, (True, 2)),
+        ({"top_logprobs": 3}, (True, 3)),  # deliberate: asked for, never ignored
+        ({"include": ["reasoning.encrypted_content"]}, (None, None)),
+    ],
+)
+def test_logprobs_are_asked_by_include_or_top_logprobs(fields: dict[str, Any], expected: tuple[Any, Any]) -> None:
+    chat = main.to_chat_request(request(**fields), [])
+    assert (chat.logprobs, chat.top_logprobs) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"include": ["message.output_text.bogus"]}, "include[0]"), ({"top_logprobs": 21}, "top_logprobs")],
+)
+def test_what_the_responses_logprobs_cannot_honour_is_a_400(
+    scripted: Callable[..., tuple[LiveServer, ScriptedEngine]], fields: dict[str, Any], param: str
+) -> None:
+    live, _ = scripted()
+    answer = httpx.post(live.url + "/v1/responses", json={"input": "hi", **fields}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param

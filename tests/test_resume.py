@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import LiveServer, ScriptedEngine, free_port, make_settings
+from conftest import TEST_KEEPALIVE_SECONDS, LiveServer, ScriptedEngine, free_port, make_settings
 
 ROOT = Path(__file__).parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -392,7 +392,8 @@ class ServerProcess:
 
     def __init__(self, env: dict[str, str], cwd: Path, script: Path = ROOT / "main.py") -> None:
         self.port = free_port()
-        full_env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, "KEEPALIVE_SECONDS": str(TEST_KEEPALIVE_SECONDS), **env, "PORT": str(self.port),
+                    "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
         self.log = (cwd / f"server-{self.port}.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd,
                                      stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip

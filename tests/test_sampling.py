@@ -321,3 +321,94 @@ def is_utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_a_continuation_that_ends_the_answer(
+    server: LiveServer, reference: tuple[Any, Any], smollm2_dir: Path
+) -> None:
+    """Issue 27: lm-evaluation-harness' `local-completions` sends echo + max_tokens 1 + logprobs 1 and drops the
+    last entry as the generated token's. Here the greedy next token is end-of-text: without its entry, the harness
+    dropped the continuation's last token instead and scored the wrong thing."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    model, tokenizer = reference
+    context = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(context + PARIS)
+    assert int(log_softmax(model, ids)[-1].argmax()) == tokenizer.eos_token_id  # the answer ends here
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="m", tokenizer_backend="huggingface",
+                             tokenizer=str(smollm2_dir), num_concurrent=1, max_retries=1)  # fmt: skip
+    request = Instance(request_type="loglikelihood", doc={}, arguments=(context, PARIS), idx=0)
+    [(logprob, greedy)] = lm.loglikelihood([request])
+    start = len(tokenizer.encode(context))
+    expected = log_softmax(model, ids)
+    assert logprob == pytest.approx(sum(float(expected[i - 1, ids[i]]) for i in range(start, len(ids))), abs=1e-3)
+    assert greedy is True
+    body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1}
+    choice = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and len(choice["logprobs"]["tokens"]) == len(ids) + 1
+    assert choice["logprobs"]["tokens"][-1] == "<|im_end|>" and choice["text"].endswith(PARIS)
+
+
+def entries(logprobs: list[Any]) -> list[tuple[str, float, list[str]]]:
+    """(token, logprob, alternatives) of each entry, from the SDK's objects or plain JSON."""
+    plain = [e if isinstance(e, dict) else e.model_dump() for e in logprobs]
+    return [(e["token"], round(e["logprob"], 5), [t["token"] for t in e["top_logprobs"]]) for e in plain]
+
+
+@pytest.fixture(scope="module")
+def chat_logprobs(server: LiveServer) -> list[tuple[str, float, list[str]]]:
+    chat = client_for(server).chat.completions.create(model="m", messages=QUESTION, logprobs=True, top_logprobs=2)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == PARIS and chat.choices[0].logprobs is not None
+    return entries(chat.choices[0].logprobs.content or [])
+
+
+@pytest.mark.slow
+def test_responses_logprobs_are_the_chat_ones_in_the_object_and_the_stream(
+    server: LiveServer, chat_logprobs: list[tuple[str, float, list[str]]]
+) -> None:
+    """Issue 27: `top_logprobs` + `include: ["message.output_text.logprobs"]` were answered with empty lists."""
+    client = client_for(server)
+    asked: dict[str, Any] = {"model": "m", "input": QUESTION[0]["content"], "top_logprobs": 2,
+                             "include": ["message.output_text.logprobs"]}  # fmt: skip
+    response = client.responses.create(**asked)
+    assert response.output_text == PARIS and len(chat_logprobs) == 7
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert entries(part.logprobs or []) == chat_logprobs  # type: ignore[union-attr]
+    assert b"".join(bytes(e.bytes) for e in part.logprobs or []).decode() == PARIS  # type: ignore[union-attr]
+    events = [e.model_dump() for e in client.responses.create(**asked, stream=True)]
+    streamed = [entry for e in events if e["type"] == "response.output_text.delta" for entry in e["logprobs"]]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert entries(streamed) == entries(done["logprobs"]) == chat_logprobs
+    plain = client.responses.create(model="m", input=QUESTION[0]["content"])
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]  # not asked: none
+
+
+@pytest.mark.slow
+def test_pydantic_ai_responses_model_reads_the_logprobs(
+    server: LiveServer, chat_logprobs: list[tuple[str, float, list[str]]]
+) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import TextPart
+    from pydantic_ai.models.openai import OpenAIResponsesModel, OpenAIResponsesModelSettings
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIResponsesModel("m", provider=OpenAIProvider(base_url=server.url + "/v1", api_key="unused"))
+    settings = OpenAIResponsesModelSettings(openai_logprobs=True, openai_top_logprobs=2)
+    result = Agent(model, model_settings=settings).run_sync(QUESTION[0]["content"])
+    [part] = [p for p in result.all_messages()[-1].parts if isinstance(p, TextPart)]
+    assert part.content == PARIS and part.provider_details is not None
+    assert entries(part.provider_details["logprobs"]) == chat_logprobs
+
+
+@pytest.mark.slow
+def test_the_ai_sdk_responses_provider_reads_the_logprobs(
+    server: LiveServer, chat_logprobs: list[tuple[str, float, list[str]]]
+) -> None:
+    from test_clients import run_node
+
+    found = run_node("responses_logprobs.mjs", server, QUESTION[0]["content"])
+    assert found["text"] == PARIS
+    joined = [[entry for part in found[key] for entry in part] for key in ("logprobs", "streamed")]  # by part, delta
+    assert entries(joined[0]) == entries(joined[1]) == chat_logprobs
