@@ -75,7 +75,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -4447,29 +4447,147 @@ class Recovery:
     interrupted: list[str] = field(default_factory=list)
 
 
+class QueuedOp(Protocol):
+    """One queued write of either journal."""
+
+    @property
+    def on_commit(self) -> Callable[[], object] | None: ...  # runs on the writer thread once committed (or dropped)
+
+    @property
+    def event(self) -> tuple[str, int] | None: ...  # (session, index) of the event it writes, if it writes one
+
+
+OpT = TypeVar("OpT", bound=QueuedOp)
+
+
+class QueuedWriter(Generic[OpT]):
+    """The write path of both journals: writes are queued and committed in batches by one writer thread, so the
+    token stream never waits on the store. One failure semantics for both: the first failed batch sets `error`
+    (logged once, `on_failure` told), and from then on every write is dropped, the first index of each session's
+    dropped events kept in `lost_from` (under a lock: the writer and the event loop both add to it), until
+    `write_loss_marks` (every sweep, and at close) has written those marks to the store: then `error` clears and
+    writing resumes. Subclasses say how a batch is committed and how marks are written."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.lost_from: dict[str, int] = {}  # per session, the first event that never reached the store
+        self.on_failure: Callable[[str], object] | None = None  # called on the writer thread at a failure
+        self._lost_lock = threading.Lock()
+        self._queue: queue.Queue[OpT | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+
+    def _commit(self, ops: list[OpT]) -> None:
+        raise NotImplementedError
+
+    def _write_marks(self, marks: dict[str, int]) -> None:
+        """Marks the sessions whose events from `lost_from` on never reached the store; raises while it fails."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def _writer_done(self) -> None:
+        """On the writer thread, after its last batch."""
+
+    def _put_op(self, op: OpT) -> None:
+        if self.error is None:
+            self._queue.put(op)
+        else:
+            self._note_lost([op])
+
+    def _note_lost(self, ops: list[OpT]) -> None:
+        """Once the store has failed, events are still sent: a replay after a restart must not hand out those
+        indices again, so the first one of each session is remembered."""
+        with self._lost_lock:
+            for session_id, index in (op.event for op in ops if op.event is not None):
+                self.lost_from[session_id] = min(index, self.lost_from.get(session_id, index))
+
+    def _fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            log.error("%s; writes are dropped until it takes one again", reason)
+            if self.on_failure is not None:
+                self.on_failure(reason)
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            ops = [op for op in batch if op is not None]
+            try:
+                if self.error is None and ops:
+                    self._commit(ops)
+            except Exception as exc:  # deliberate: sqlite3.Error, redis.RedisError, OSError: the store, not us
+                self._fail(f"{self._describe()} failed: {exc}")
+            finally:
+                if self.error is not None:
+                    self._note_lost(ops)
+                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
+                    if op.on_commit is not None:
+                        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is waiting
+                            op.on_commit()
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch:
+                self._writer_done()
+                return
+
+    def flush(self) -> None:
+        """Blocks until every queued write is committed (or dropped after a failure)."""
+        self._queue.join()
+
+    def _stop_writer(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        self.write_loss_marks()  # deliberate: a restart after a failure must know what was never journaled
+
+    def write_loss_marks(self) -> bool:
+        """After a failure: writes the sessions' `lost_from` marks once the store takes a write again, and clears
+        `error` (writing resumes). True when nothing is left to write."""
+        with self._lost_lock:
+            marks = dict(self.lost_from)
+        if self.error is None and not marks:
+            return True
+        try:
+            self._write_marks(marks)
+        except Exception as exc:  # deliberate: still failing; tried again at the next sweep
+            log.warning("%s: %d session(s) not marked incomplete yet: %s", self._describe(), len(marks), exc)
+            return False
+        with self._lost_lock:
+            for session_id, index in marks.items():
+                if self.lost_from.get(session_id) == index:
+                    del self.lost_from[session_id]
+        if self.error is not None:
+            log.info("%s takes writes again; %d session(s) marked incomplete", self._describe(), len(marks))
+        self.error = None
+        return True
+
+
 @dataclass(frozen=True)
 class JournalOp:
     statements: tuple[tuple[str, tuple[Any, ...]], ...]  # (sql, params), always committed in one transaction
-    on_commit: Callable[[], object] | None = None  # runs on the writer thread once the op is committed (or dropped)
-    event: tuple[str, int] | None = None  # (session, index) of the event it writes, if it writes one
+    on_commit: Callable[[], object] | None = None
+    event: tuple[str, int] | None = None
 
 
-class SqliteJournal:
-    """Sessions and events in SQLite (WAL). Writes are queued and committed in batches by one writer thread, so
-    the token stream never waits on the disk; reads use their own connection. A failed write disables the
-    journal (logged, reported by /health) instead of failing requests."""
+class SqliteJournal(QueuedWriter[JournalOp]):
+    """Sessions and events in SQLite (WAL), written through the queued writer; reads use their own connection.
+    A failed write stops persistence (logged, reported by /health) instead of failing requests."""
+
+    shared: None = None  # one process: no readers, cancels or leases across replicas
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path = path.expanduser()
-        self.error: str | None = None
-        self._lost_lock = threading.Lock()
-        self.lost_from: dict[str, int] = {}  # per session, the first event that never reached the file
         self._read_lock = threading.Lock()
         self._reader = self._connect(path)
         migrate_journal(self._reader)
-        self._queue: queue.Queue[JournalOp | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._conn = self._connect(path)  # the writer thread's alone
         self._writer.start()
+
+    def _describe(self) -> str:
+        return f"session journal {self.path}"
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -4483,19 +4601,6 @@ class SqliteJournal:
 
     def _put(self, sql: str, params: tuple[Any, ...], on_commit: Callable[[], object] | None = None) -> None:
         self._put_op(JournalOp(((sql, params),), on_commit))
-
-    def _put_op(self, op: JournalOp) -> None:
-        if self.error is None:
-            self._queue.put(op)
-        else:
-            self._note_lost([op])
-
-    def _note_lost(self, ops: list[JournalOp]) -> None:
-        """Remembers, per session, the first event that will never be in the file: once the journal has failed,
-        events are still sent, so a replay after a restart must not hand out those indices again."""
-        with self._lost_lock:
-            for session_id, index in (op.event for op in ops if op.event is not None):
-                self.lost_from[session_id] = min(index, self.lost_from.get(session_id, index))
 
     def record_session(
         self, session_id: str, meta: StreamMeta, request_json: str, created_at: float, plan: str = ""
@@ -4535,34 +4640,8 @@ class SqliteJournal:
     def _state_statement(session_id: str, state: str, ended_at: float | None) -> tuple[str, tuple[Any, ...]]:
         return "UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?", (state, ended_at, session_id)
 
-    def _write_loop(self) -> None:
-        conn = self._connect(self.path)
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            ops = [op for op in batch if op is not None]
-            try:
-                if self.error is None:
-                    self._commit(conn, ops)
-            except sqlite3.Error as exc:
-                self.error = f"session journal {self.path} failed: {exc}"
-                log.error("%s; serving goes on without persistence", self.error)
-            finally:
-                if self.error is not None:
-                    self._note_lost(ops)
-                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
-                    if op.on_commit is not None:
-                        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is waiting
-                            op.on_commit()
-                for _ in batch:
-                    self._queue.task_done()
-            if None in batch:
-                conn.close()
-                return
-
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, ops: list[JournalOp]) -> None:
+    def _commit(self, ops: list[JournalOp]) -> None:
+        conn = self._conn
         conn.execute("BEGIN")
         try:
             for op in ops:
@@ -4573,44 +4652,24 @@ class SqliteJournal:
             raise
         conn.execute("COMMIT")
 
-    def flush(self) -> None:
-        """Blocks until every queued write is committed (or dropped after a failure)."""
-        self._queue.join()
+    def _writer_done(self) -> None:
+        self._conn.close()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._writer.join(timeout=30)
-        self.write_loss_marks()  # deliberate: a restart after a failure must know what was never journaled
+        self._stop_writer()
         with self._read_lock:
             self._reader.close()
 
-    def write_loss_marks(self) -> bool:
-        """Writes the sessions' `lost_from` marks, on a connection of its own: the write that failed (a full
-        disk) may succeed now. Tried at every sweep and at close; True once nothing is left to write."""
-        with self._lost_lock:
-            marks = dict(self.lost_from)
-        if not marks:
-            return True
+    def _write_marks(self, marks: dict[str, int]) -> None:
+        """On a connection of its own: the write that failed (a full disk) may succeed now."""
+        conn = self._connect(self.path)
         try:
-            conn = self._connect(self.path)
-            try:
-                conn.execute("BEGIN")
-                conn.executemany("UPDATE sessions SET lost_from = MIN(COALESCE(lost_from, ?), ?) WHERE id = ?",
-                                 [(index, index, session_id) for session_id, index in marks.items()])  # fmt: skip
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            log.warning(
-                "session journal %s: could not mark %d session(s) incomplete yet: %s", self.path, len(marks), exc
-            )
-            return False
-        with self._lost_lock:
-            for session_id, index in marks.items():
-                if self.lost_from.get(session_id) == index:
-                    del self.lost_from[session_id]
-        log.info("session journal %s: %d session(s) marked incomplete", self.path, len(marks))
-        return True
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock: with no marks, the probe that the file is writable
+            conn.executemany("UPDATE sessions SET lost_from = MIN(COALESCE(lost_from, ?), ?) WHERE id = ?",
+                             [(index, index, session_id) for session_id, index in marks.items()])  # fmt: skip
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     # -- reads and maintenance: blocking, call from worker threads --
 
@@ -4762,11 +4821,11 @@ class RedisOp:
 
     apply: Callable[[Any], object]
     on_commit: Callable[[], object] | None = None
-    event: tuple[str, int] | None = None  # (session, index) of the event it writes
+    event: tuple[str, int] | None = None
     session: str = ""  # the session a lease-checked append writes to (refused once another replica claimed it)
 
 
-class RedisJournal:
+class RedisJournal(QueuedWriter[RedisOp]):
     """The same journal, in Redis, shared by every replica (SESSION_STORE=redis://...): per session a hash
     (state, meta, plan, attempts, cancel flag), a Stream of events (entry id = index + 1) and one of steps, and
     a lease held by the replica generating it. Writes are queued and sent in pipelines by one writer thread
@@ -4779,20 +4838,24 @@ class RedisJournal:
         except ImportError:
             raise RuntimeError("SESSION_STORE needs the redis package: pip install redis") from None
 
+        super().__init__()
         self.url, self.replica, self.ttl_ms = url, replica, int(ttl_seconds * 1000)
         self.lease_ms = int(lease_seconds * 1000)
         # Any: redis-py's annotations cover both its sync and async returns; every call here is sync
         self.client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True)
         self.client.ping()  # fails fast at start-up with the reason (refused, auth, ...)
-        self.error: str | None = None
-        self.lost_from: dict[str, int] = {}
-        self.on_failure: Callable[[str], object] | None = None  # called on the writer thread when Redis fails
+        self._tail_client: Any = None  # redis.asyncio, made on the event loop at the first follow
         self.on_fenced: Callable[[str], object] | None = None  # a session another replica has claimed
         self._append = self.client.register_script(REDIS_FENCED_APPEND)
         self._renew = self.client.register_script(REDIS_RENEW_LEASE)
-        self._queue: queue.Queue[RedisOp | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._writer.start()
+
+    @property
+    def shared(self) -> RedisJournal:
+        return self
+
+    def _describe(self) -> str:
+        return f"session store {redact_url(self.url)}"
 
     @staticmethod
     def keys(session_id: str) -> tuple[str, str, str, str]:
@@ -4801,16 +4864,6 @@ class RedisJournal:
         return base, base + ":ev", base + ":st", base + ":lease"
 
     # -- writes: queued, never blocking the caller --
-
-    def _put(self, op: RedisOp) -> None:
-        if self.error is None:
-            self._queue.put(op)
-        else:
-            self._note_lost([op])
-
-    def _note_lost(self, ops: list[RedisOp]) -> None:
-        for session_id, index in (op.event for op in ops if op.event is not None):
-            self.lost_from[session_id] = min(index, self.lost_from.get(session_id, index))
 
     def record_session(
         self, session_id: str, meta: StreamMeta, request_json: str, created_at: float, plan: str = ""
@@ -4827,24 +4880,24 @@ class RedisJournal:
             pipe.set(lease, self.replica, px=self.lease_ms)
             pipe.sadd("llm:running", session_id)
 
-        self._put(RedisOp(apply))
+        self._put_op(RedisOp(apply))
 
     def record_event(
         self, session_id: str, index: int, data: str, on_commit: Callable[[], object] | None = None
     ) -> None:
         _, events, _, lease = self.keys(session_id)
-        self._put(RedisOp(self._appender(lease, events, index, data), on_commit, (session_id, index), session_id))
+        self._put_op(RedisOp(self._appender(lease, events, index, data), on_commit, (session_id, index), session_id))
 
     def record_step(self, session_id: str, seq: int, data: str) -> None:
         _, _, steps, lease = self.keys(session_id)
-        self._put(RedisOp(self._appender(lease, steps, seq, data), session=session_id))
+        self._put_op(RedisOp(self._appender(lease, steps, seq, data), session=session_id))
 
     def _appender(self, lease: str, stream: str, index: int, data: str) -> Callable[[Any], object]:
         return lambda pipe: self._append(keys=[lease, stream], args=[self.replica, stream_id(index), data], client=pipe)
 
     def record_state(self, session_id: str, state: str, ended_at: float | None) -> None:
         meta_hash = self.keys(session_id)[0]
-        self._put(RedisOp(lambda pipe: pipe.hset(meta_hash, mapping={"state": state, "ended_at": ended_at or ""})))
+        self._put_op(RedisOp(lambda pipe: pipe.hset(meta_hash, mapping={"state": state, "ended_at": ended_at or ""})))
 
     def record_end(
         self, session_id: str, index: int, data: str, state: str, ended_at: float | None,
@@ -4861,32 +4914,9 @@ class RedisJournal:
             pipe.pexpire(meta_hash, self.ttl_ms)
             pipe.pexpire(events, self.ttl_ms)
 
-        self._put(RedisOp(apply, on_commit, (session_id, index), session_id))
+        self._put_op(RedisOp(apply, on_commit, (session_id, index), session_id))
 
-    def _write_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < JOURNAL_BATCH_MAX_OPS and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            ops = [op for op in batch if op is not None]
-            try:
-                if self.error is None and ops:
-                    self._send(ops)
-            except Exception as exc:  # deliberate: redis.RedisError, OSError: the store is gone, not the server
-                self._fail(f"session store {redact_url(self.url)} failed: {exc}")
-            finally:
-                if self.error is not None:
-                    self._note_lost(ops)
-                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
-                    if op.on_commit is not None:
-                        with contextlib.suppress(RuntimeError):
-                            op.on_commit()
-                for _ in batch:
-                    self._queue.task_done()
-            if None in batch:
-                return
-
-    def _send(self, ops: list[RedisOp]) -> None:
+    def _commit(self, ops: list[RedisOp]) -> None:
         import redis
 
         pipe = self.client.pipeline(transaction=False)
@@ -4904,49 +4934,27 @@ class RedisJournal:
             elif any(not isinstance(r, redis.ResponseError) or "equal or smaller" not in str(r) for r in errors):
                 raise errors[0]  # deliberate: an "equal or smaller" id is a retried append, already written
 
-    def _fail(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
-            log.error("%s; new requests get 503 until it answers again", reason)
-            if self.on_failure is not None:
-                self.on_failure(reason)
-
-    def flush(self) -> None:
-        self._queue.join()
-
     def close(self) -> None:
-        self._queue.put(None)
-        self._writer.join(timeout=30)
-        self.write_loss_marks()
+        self._stop_writer()
         self.client.close()
 
-    def write_loss_marks(self) -> bool:
-        """Once Redis answers again: the sessions that lost events while it was gone are marked (their replay ends
-        with `events_lost`), and the store is usable again. Tried at every sweep."""
-        if self.error is None and not self.lost_from:
-            return True
-        try:
-            self.client.ping()
-            marks = dict(self.lost_from)
-            pipe = self.client.pipeline(transaction=False)
-            for session_id, index in marks.items():
-                meta_hash, _, steps, lease = self.keys(session_id)
-                pipe.hset(meta_hash, mapping={"state": SessionState.INTERRUPTED, "lost_from": index,
-                                              "ended_at": time.time()})  # fmt: skip
-                pipe.delete(steps, lease)
-                pipe.srem("llm:running", session_id)
-                pipe.pexpire(meta_hash, self.ttl_ms)
-            pipe.execute()
-        except Exception as exc:  # deliberate: still down
-            log.warning("session store %s still unavailable: %s", redact_url(self.url), exc)
-            return False
-        for session_id in marks:
-            self.lost_from.pop(session_id, None)
-        if self.error is not None:
-            log.info("session store %s answers again; %d session(s) marked incomplete", redact_url(self.url),
-                     len(marks))  # fmt: skip
-        self.error = None
-        return True
+    async def close_tail(self) -> None:
+        if self._tail_client is not None:
+            await self._tail_client.aclose()
+
+    def _write_marks(self, marks: dict[str, int]) -> None:
+        """The sessions that lost events while Redis was gone end interrupted (their replay ends with
+        `events_lost`)."""
+        self.client.ping()
+        pipe = self.client.pipeline(transaction=False)
+        for session_id, index in marks.items():
+            meta_hash, _, steps, lease = self.keys(session_id)
+            pipe.hset(meta_hash, mapping={"state": SessionState.INTERRUPTED, "lost_from": index,
+                                          "ended_at": time.time()})  # fmt: skip
+            pipe.delete(steps, lease)
+            pipe.srem("llm:running", session_id)
+            pipe.pexpire(meta_hash, self.ttl_ms)
+        pipe.execute()
 
     # -- reads, leases and claims: blocking, call from worker threads --
 
@@ -4973,15 +4981,22 @@ class RedisJournal:
         entries = self.client.xrange(self.keys(session_id)[1], stream_id(start), stream_id(stop - 1))
         return [Event(stream_index(i), e["d"]) for i, e in entries]
 
-    def tail(self, session_id: str, after: int) -> list[Event]:
-        """Events after index `after`, waiting up to one short slice for the first (a follower's live tail)."""
-        found = self.client.xread({self.keys(session_id)[1]: stream_id(after)}, block=REDIS_BLOCK_MS, count=256)
+    async def tail(self, session_id: str, after: int) -> list[Event]:
+        """Events after index `after`, waiting up to one short slice for the first (a follower's live tail).
+        Awaited on the event loop (redis.asyncio): a followed session holds no thread."""
+        if self._tail_client is None:
+            import redis.asyncio
+
+            self._tail_client = redis.asyncio.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
+                                                             decode_responses=True)  # fmt: skip
+        key = self.keys(session_id)[1]
+        found = await self._tail_client.xread({key: stream_id(after)}, block=REDIS_BLOCK_MS, count=256)
         return [Event(stream_index(i), e["d"]) for _, entries in found or [] for i, e in entries]
 
     def count_reader(self, session_id: str, change: int) -> None:
         """Readers of a session on every replica, for the disconnect grace window (queued: never blocks)."""
         meta_hash = self.keys(session_id)[0]
-        self._put(RedisOp(lambda pipe: pipe.hincrby(meta_hash, "readers", change)))
+        self._put_op(RedisOp(lambda pipe: pipe.hincrby(meta_hash, "readers", change)))
 
     def readers(self, session_id: str) -> int:
         self.flush()
@@ -5044,7 +5059,7 @@ class RedisJournal:
         return 0  # deliberate: Redis expires ended sessions itself (PEXPIRE at their end)
 
     def delete_session(self, session_id: str) -> None:
-        self._put(RedisOp(lambda pipe: pipe.delete(*self.keys(session_id))))
+        self._put_op(RedisOp(lambda pipe: pipe.delete(*self.keys(session_id))))
 
     def count_sessions(self) -> int:
         return sum(1 for _ in self.client.scan_iter(match="llm:s:{*}", count=1000, _type="hash"))
@@ -5065,7 +5080,51 @@ class RedisJournal:
                 stop.wait(REDIS_RETRY_SECONDS)
 
 
-Journal = SqliteJournal | RedisJournal
+class Journal(Protocol):
+    """What every session store implements (SqliteJournal, RedisJournal): writes queued through the one
+    `QueuedWriter` (never blocking the caller), reads blocking (called from worker threads)."""
+
+    error: str | None  # set by a failed write, cleared once the store takes writes again
+    lost_from: dict[str, int]
+
+    @property
+    def shared(self) -> SharedJournal | None: ...  # the extras of a store shared by replicas, or None
+
+    def record_session(self, session_id: str, meta: StreamMeta, request_json: str, created_at: float,
+                       plan: str = "") -> None: ...  # fmt: skip
+    def record_step(self, session_id: str, seq: int, data: str) -> None: ...
+    def record_event(self, session_id: str, index: int, data: str,
+                     on_commit: Callable[[], object] | None = None) -> None: ...  # fmt: skip
+    def record_state(self, session_id: str, state: str, ended_at: float | None) -> None: ...
+    def record_end(self, session_id: str, index: int, data: str, state: str, ended_at: float | None,
+                   on_commit: Callable[[], object] | None = None) -> None: ...  # fmt: skip
+    def delete_session(self, session_id: str) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def write_loss_marks(self) -> bool: ...
+    def load_session(self, session_id: str) -> StoredSession | None: ...
+    def read_events(self, session_id: str, start: int, stop: int) -> list[Event]: ...
+    def recover_interrupted(self, now: float, policy: ContinuePolicy | None = None) -> Recovery: ...
+    def delete_ended_before(self, cutoff: float) -> int: ...
+    def count_sessions(self) -> int: ...
+
+
+class SharedJournal(Journal, Protocol):
+    """A store shared by replicas (Redis): readers counted on every replica, cancels sent to the replica
+    generating a session, leases, claims, and a live tail for the replicas that follow a session."""
+
+    url: str
+    on_failure: Callable[[str], object] | None
+    on_fenced: Callable[[str], object] | None
+
+    async def tail(self, session_id: str, after: int) -> list[Event]: ...
+    async def close_tail(self) -> None: ...
+    def state_of(self, session_id: str) -> str | None: ...
+    def count_reader(self, session_id: str, change: int) -> None: ...
+    def readers(self, session_id: str) -> int: ...
+    def request_cancel(self, session_id: str) -> None: ...
+    def renew_leases(self, session_ids: list[str]) -> tuple[list[str], list[str]]: ...
+    def subscribe_cancels(self, on_cancel: Callable[[str], object], stop: threading.Event) -> None: ...
 
 
 class Session:
@@ -5225,12 +5284,12 @@ class Session:
         )  # fmt: skip
 
 
-async def follow_session(session: Session, journal: RedisJournal) -> None:
+async def follow_session(session: Session, journal: SharedJournal) -> None:
     """Tails a session another replica generates (or a replica that claims it after that one died) into this
-    replica's copy, in short blocking reads, until its [DONE]; its final state is read then."""
+    replica's copy, in short awaited reads, until its [DONE]; its final state is read then."""
     while not session.ended:
         try:
-            events = await asyncio.to_thread(journal.tail, session.key, session.buffer.next_index - 1)
+            events = await journal.tail(session.key, session.buffer.next_index - 1)
         except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis away for a while: try again
             log.warning("session %s: cannot read the session store: %s", session.id, exc)
             await asyncio.sleep(REDIS_RETRY_SECONDS)
@@ -5286,14 +5345,14 @@ class SessionStore:
         session = self.sessions.get(key)
         if session is None:
             session = Session.restore(stored, self.settings.session_buffer_events, self.journal)
-            if isinstance(self.journal, RedisJournal) and not session.ended:  # another replica is generating it
-                session.follower = asyncio.get_running_loop().create_task(follow_session(session, self.journal))
+            if (shared := self.journal.shared) is not None and not session.ended:  # another replica generates it
+                session.follower = asyncio.get_running_loop().create_task(follow_session(session, shared))
         self.sessions[key] = session
         return session
 
     def check_available(self) -> None:
         """New generations need a store that answers (Redis may be away): else 503, retried later."""
-        if isinstance(self.journal, RedisJournal) and self.journal.error is not None:
+        if self.journal is not None and self.journal.shared is not None and self.journal.error is not None:
             raise StoreUnavailable(f"{self.journal.error}; try again shortly", headers={"Retry-After": "2"})
 
     async def get(self, session_id: str, owner: str = "") -> Session:
@@ -5626,7 +5685,7 @@ class DisconnectWatch:
         self.grace_seconds = grace_seconds
         self.metrics = metrics
         self.auto_cancels = 0
-        self.shared: RedisJournal | None = None  # with Redis: readers on every replica count
+        self.shared: SharedJournal | None = None  # with Redis: readers on every replica count
 
     def attach(self, session: Session) -> None:
         session.readers += 1
@@ -6073,8 +6132,9 @@ async def cancel_session(state: AppState, session_id: str, owner: str) -> Cancel
     if not already_ended:
         state.metrics.cancels.labels(kind="manual").inc()
         session.request_cancel()
-        if session.follower is not None and isinstance(state.store.journal, RedisJournal):
-            await asyncio.to_thread(state.store.journal.request_cancel, session.key)  # to the replica generating it
+        shared = state.store.journal.shared if state.store.journal is not None else None
+        if session.follower is not None and shared is not None:
+            await asyncio.to_thread(shared.request_cancel, session.key)  # to the replica generating it
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait_until_ended(session), CANCEL_WAIT_SECONDS)
     return CancelResult(**session.describe().model_dump(), already_ended=already_ended)
@@ -6111,10 +6171,10 @@ async def open_journal(state: AppState) -> None:
         log.error("%s; serving goes on without persistence", state.journal_error)
         return
     state.store.journal = journal
-    if isinstance(journal, RedisJournal):
-        state.watch.shared = journal
-        install_replica_hooks(state, journal)
-        state.spawn(watch_replicas(state, journal))
+    if (shared := journal.shared) is not None:
+        state.watch.shared = shared
+        install_replica_hooks(state, shared)
+        state.spawn(watch_replicas(state, shared))
     log.info("%s open; %d session(s) continued, %d interrupted", where, state.continued,
              len(recovery.interrupted))  # fmt: skip
 
@@ -6131,7 +6191,7 @@ async def claim_unfinished(state: AppState, journal: Journal) -> Recovery:
     return recovery
 
 
-def install_replica_hooks(state: AppState, journal: RedisJournal) -> None:
+def install_replica_hooks(state: AppState, journal: SharedJournal) -> None:
     """What other replicas (and Redis itself) can do to this one's sessions, posted to the event loop: a cancel
     sent to another replica, a lease another replica has taken over, Redis going away."""
     loop = asyncio.get_running_loop()
@@ -6169,7 +6229,7 @@ def end_for_store_failure(state: AppState) -> None:
             session.finish(SessionState.INTERRUPTED)
 
 
-async def watch_replicas(state: AppState, journal: RedisJournal) -> None:
+async def watch_replicas(state: AppState, journal: SharedJournal) -> None:
     """Every third of a lease: renews this replica's leases (a cancel flag set meanwhile is honoured, a lease
     another replica has taken stops the session here), claims the sessions of replicas whose lease expired,
     and, after a Redis failure, notices when it answers again."""
@@ -6280,6 +6340,8 @@ async def shut_down(state: AppState) -> None:
     for close in state.closers:
         close()
     if state.store.journal is not None:
+        if (shared := state.store.journal.shared) is not None:
+            await shared.close_tail()
         await asyncio.to_thread(state.store.journal.close)
 
 

@@ -250,9 +250,9 @@ def test_with_a_journal_events_are_readable_only_once_committed(tmp_path: Path) 
         commit_allowed = threading.Event()
         commit = journal._commit
 
-        def held_commit(conn: sqlite3.Connection, ops: list[main.JournalOp]) -> None:
+        def held_commit(ops: list[main.JournalOp]) -> None:
             commit_allowed.wait(10)
-            commit(conn, ops)
+            commit(ops)
 
         journal._commit = held_commit  # type: ignore[method-assign]
         session = main.Session("w", META, capacity=16, journal=journal)
@@ -345,3 +345,21 @@ def test_store_find_reads_sqlite_after_a_journal_failure(tmp_path: Path) -> None
     found = asyncio.run(store.find("old"))
     journal.close()
     assert found is not None and found.state == "finished" and found.buffer.next_index == 1
+
+
+def test_a_failed_journal_takes_writes_again_once_its_loss_marks_are_written(tmp_path: Path) -> None:
+    """Issue 28: both journals share one writer and one failure semantics. SQLite used to stay failed until a
+    restart while Redis recovered; now either marks what it lost, then writes again."""
+    journal = main.SqliteJournal(tmp_path / "s.db")
+    journal.record_session("s", META, "{}", 1.0)
+    journal.flush()
+    journal._put("INSERT INTO missing_table VALUES (?)", (1,))  # the failure (a full disk, say)
+    journal.record_event("s", 0, "lost")
+    journal.flush()
+    assert journal.error is not None and journal.lost_from == {"s": 0}
+    assert journal.write_loss_marks() is True
+    assert journal.error is None and journal.lost_from == {}
+    journal.record_event("s", 1, "kept")
+    stored = journal.load_session("s")
+    assert stored is not None and stored.lost_from == 0 and [e.data for e in stored.events] == ["kept"]
+    journal.close()
