@@ -141,6 +141,7 @@ class Settings:
     model_repo_id: str = DEFAULT_MODEL_REPO_ID  # hub id, local folder, or path to a .gguf file
     served_model_name: str = ""  # the model id clients see; empty = the hub id, or the file or folder name
     hf_token: str = ""
+    trust_remote_code: bool = False  # deliberate: off; on runs the model repo's own Python (only some models need it)
     preload_model: bool = False  # load at start-up instead of on the first request
     model_load_retry_seconds: float = 30.0  # after a failed load, requests get 503 + Retry-After until then
     device_map: str = "auto"  # passed to from_pretrained; "none" leaves placement to torch
@@ -2957,7 +2958,8 @@ def load_model(settings: Settings) -> LoadedModel:
     route_library_logs()
     check_local_source(settings.model_repo_id)
     source, extra = resolve_model_source(settings.model_repo_id)
-    common: dict[str, Any] = {"trust_remote_code": True, "token": settings.hf_token or None, **extra}
+    common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "token": settings.hf_token or None,
+                              **extra}  # fmt: skip
     config = transformers.AutoConfig.from_pretrained(source, **common)
     accepts_images = getattr(config, "vision_config", None) is not None
     model_class = transformers.AutoModelForImageTextToText if accepts_images else transformers.AutoModelForCausalLM

@@ -232,3 +232,28 @@ def test_smollm2_gguf_file_loads_and_answers(smollm2_gguf: Path) -> None:
     prompt = engine.prepare(QUESTION, greedy(20))
     text = "".join(e.text for e in engine.stream(prompt, greedy(20), threading.Event()) if isinstance(e, main.Delta))
     assert text == "The capital of France is Paris."
+
+
+def test_a_model_repos_own_code_runs_only_with_trust_remote_code(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Issue 28: trust_remote_code was hard-coded on, so any MODEL_REPO_ID ran the repo's Python."""
+    import json
+    import shutil
+
+    repo = tmp_path / "custom-code-model"
+    shutil.copytree(tiny_model_dir, repo)
+    marker = tmp_path / "the repo's code ran"
+    (repo / "configuration_custom.py").write_text(
+        "from pathlib import Path\nfrom transformers import Qwen3Config\n"
+        f"Path({str(marker)!r}).touch()\n\nclass CustomConfig(Qwen3Config):\n    model_type = 'qwen3'\n",
+        encoding="utf-8",
+    )
+    config = json.loads((repo / "config.json").read_text(encoding="utf-8"))
+    (repo / "config.json").write_text(
+        json.dumps({**config, "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}})
+    )
+    assert main.Settings().trust_remote_code is False
+    main.load_model(make_settings(model_repo_id=str(repo), device_map="cpu"))  # transformers' own Qwen3 classes
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="CustomConfig"):  # its class maps to no model: what counts is that it ran
+        main.load_model(make_settings(model_repo_id=str(repo), device_map="cpu", trust_remote_code=1))
+    assert marker.exists()
