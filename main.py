@@ -1878,7 +1878,7 @@ def to_delta(piece: OutputPiece) -> ChunkDelta:
     return ChunkDelta(content=piece.text)
 
 
-class AnswerChunks:
+class ChatRenderer:
     """Chat completions' renderer, one per choice: the role chunk, then text deltas -> chunk payloads, then the
     finish chunk; the first choice's also closes the stream (the usage chunk). Free text takes `ContentChunks`'
     fast path; with tools or reasoning the text goes through an `OutputParser` first (nothing is parsed for a
@@ -2072,7 +2072,7 @@ def make_response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str,
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-class ResponsesEvents:
+class ResponsesRenderer:
     """Engine text -> the Responses API's events, in its order: created, in_progress, then per output item
     added / deltas / done (a message with one output_text part, a function call, a reasoning item), then the
     terminal event with the whole response. `sequence_number` counts from 0 in the order they are made, which is
@@ -2242,7 +2242,7 @@ def make_text_chunk(
     return TextCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice])
 
 
-class CompletionChunks:
+class CompletionsRenderer:
     """The legacy endpoint's renderer, one per choice: (echo) the prompt's text, then text chunks, then the finish
     chunk; the first choice's also writes the usage chunk. Scored tokens become the legacy lists, `text_offset`
     counting characters from the start of the choice's text (its echoed prompt included)."""
@@ -2321,19 +2321,6 @@ def fold_text_completion(meta: StreamMeta, event_data: list[str]) -> TextComplet
                           choices=[choices[i] for i in sorted(choices)], usage=usage)  # fmt: skip
 
 
-Renderer = AnswerChunks | ResponsesEvents | CompletionChunks
-
-
-def make_renderer(meta: StreamMeta, output: OutputFormat, index: int = 0) -> Renderer:
-    """The session's protocol decides how a choice's engine output is written: chat chunks, Responses events,
-    or legacy completion chunks."""
-    if meta.protocol == "responses":
-        return ResponsesEvents(json.loads(meta.response_json), output)
-    if meta.protocol == "completions":
-        return CompletionChunks(meta, index)
-    return AnswerChunks(meta, output, index)
-
-
 def to_responses_sse(data: str, index: int) -> tuple[str, str] | None:
     """A session event as the Responses stream sends it, (event type, JSON); None for the session's end marker
     (the stream ends at its terminal event, without [DONE]). The session's own error events (an interrupted
@@ -2377,6 +2364,66 @@ def fold_response(response: dict[str, Any], event_data: list[str]) -> dict[str, 
             return {**response, "output": [items[i] for i in sorted(items)], "status": "failed",
                     "error": {"code": error.get("code") or "server_error", "message": error["message"]}}  # fmt: skip
     return {**response, "output": [items[i] for i in sorted(items)]}
+
+
+# -- one table per wire protocol: nothing else switches on `StreamMeta.protocol` --
+
+
+class Renderer(Protocol):
+    """How one choice's engine output is written for one API, as session events (JSON strings, in order):
+    `start`, then `encode` per text delta (with its scored tokens), `flush` of what a parser held back,
+    `finish` (the choice's end), and on the first choice `close` (usage, the terminal event) or `failure`."""
+
+    @property
+    def calls(self) -> int: ...  # tool calls made so far
+
+    @property
+    def complete(self) -> bool: ...  # one call is done and parallel calls are off: the row may stop
+
+    def start(self) -> list[str]: ...
+    def encode(self, text: str, scores: Sequence[TokenScore] = ()) -> list[str]: ...
+    def echo(self, scores: Sequence[TokenScore]) -> list[str]: ...
+    def flush(self) -> list[str]: ...
+    def finish(self, finished: Finished) -> list[str]: ...
+    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]: ...
+    def failure(self, error: dict[str, Any]) -> list[str]: ...
+
+
+def encode_chat_sse(session_id: str, data: str, index: int, with_id: bool) -> bytes:
+    """Chat and completions chunks as they are, then [DONE]."""
+    return encode_sse(data, format_event_id(session_id, index) if with_id else None)
+
+
+def encode_responses_sse(session_id: str, data: str, index: int, with_id: bool) -> bytes:
+    """Responses events with their `event:` line, the session's own error events as the API's `error` event,
+    and no [DONE]."""
+    translated = to_responses_sse(data, index)
+    if translated is None:
+        return b""
+    return encode_sse(translated[1], format_event_id(session_id, index) if with_id else None, translated[0])
+
+
+@dataclass(frozen=True)
+class WireProtocol:
+    """What the sessions of one API differ in."""
+
+    make_renderer: Callable[[StreamMeta, OutputFormat, int], Renderer]  # (meta, output, choice index)
+    encode: Callable[[str, str, int, bool], bytes]  # (session id, event, index, with its id) -> SSE bytes
+    fold: Callable[[StreamMeta, list[str]], Any]  # a whole session's events -> the JSON answer
+
+
+WIRE_PROTOCOLS: dict[str, WireProtocol] = {
+    "chat": WireProtocol(ChatRenderer, encode_chat_sse, fold_completion),
+    "completions": WireProtocol(lambda meta, _output, index: CompletionsRenderer(meta, index), encode_chat_sse,
+                                fold_text_completion),
+    "responses": WireProtocol(lambda meta, output, _index: ResponsesRenderer(json.loads(meta.response_json), output),
+                              encode_responses_sse, lambda meta, data: fold_response(json.loads(meta.response_json),
+                                                                                     data)),
+}  # fmt: skip
+
+
+def make_renderer(meta: StreamMeta, output: OutputFormat, index: int = 0) -> Renderer:
+    return WIRE_PROTOCOLS[meta.protocol].make_renderer(meta, output, index)
 
 
 # ==== 5. Media ===============================================================================================
@@ -5828,39 +5875,21 @@ async def sse_body(
 
 
 def encode_for(session: Session) -> Callable[[str, int, bool], bytes]:
-    """How this session's events go on the wire: chat chunks as they are (then [DONE]); Responses events with
-    their `event:` line, the session's own error events as the API's `error` event, and no [DONE]."""
-
-    def chat(data: str, index: int, with_id: bool) -> bytes:
-        return encode_sse(data, format_event_id(session.id, index) if with_id else None)
-
-    def responses(data: str, index: int, with_id: bool) -> bytes:
-        translated = to_responses_sse(data, index)
-        if translated is None:
-            return b""
-        event_id = format_event_id(session.id, index) if with_id else None
-        return encode_sse(translated[1], event_id, translated[0])
-
-    return responses if session.meta.protocol == "responses" else chat
+    """How this session's events go on the wire (its protocol's encoder)."""
+    return functools.partial(WIRE_PROTOCOLS[session.meta.protocol].encode, session.id)
 
 
-async def collect_response(session: Session, watch: DisconnectWatch) -> dict[str, Any]:
+async def collect_answer(session: Session, watch: DisconnectWatch) -> Any:
+    """The JSON answer: the whole session, read to its end and folded (a chat or text completion, or a
+    response object)."""
     events = read_session(session, -1, READ_WAIT_SECONDS, watch, ReadCursor())  # holds from 0 before any await
-    return fold_response(json.loads(session.meta.response_json), [event.data async for event in events])
+    return WIRE_PROTOCOLS[session.meta.protocol].fold(session.meta, [event.data async for event in events])
 
 
 async def current_response(session: Session) -> dict[str, Any]:
     """The response object as it stands (GET, a background POST): its events so far, folded."""
     events = [event.data for event in await read_events(session, 0)]
     return fold_response(json.loads(session.meta.response_json), events)
-
-
-async def collect_completion(session: Session, watch: DisconnectWatch) -> ChatCompletion | TextCompletion:
-    events = read_session(session, -1, READ_WAIT_SECONDS, watch, ReadCursor())  # holds from 0 before any await
-    data = [event.data async for event in events]
-    if session.meta.protocol == "completions":
-        return fold_text_completion(session.meta, data)
-    return fold_completion(session.meta, data)
 
 
 # ==== 10. HTTP ===============================================================================================
@@ -6035,10 +6064,6 @@ def response_json(response: dict[str, Any], session: Session) -> Response:
     return JSONResponse(response, headers={"X-Session-Id": session.id})
 
 
-async def parse_responses_request(request: Request, max_bytes: int) -> ResponsesRequest:
-    return ResponsesRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
-
-
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused with 413 past `max_bytes` whether or not Content-Length says so."""
     declared = request.headers.get("content-length", "")
@@ -6053,12 +6078,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-async def parse_chat_request(request: Request, max_bytes: int) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
-async def parse_completion_request(request: Request, max_bytes: int) -> CompletionRequest:
-    return CompletionRequest.model_validate_json(await read_body(request, max_bytes) or b"{}")
+async def parse_body(request: Request, model: type[BodyModel], max_bytes: int) -> BodyModel:
+    """The body as `model`; an empty one validates as `{}` (so its missing fields are named in the 400)."""
+    return model.model_validate_json(await read_body(request, max_bytes) or b"{}")
 
 
 class EventStream(EventSourceResponse):
@@ -6509,24 +6534,35 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         watch=DisconnectWatch(settings.cancel_after_disconnect_seconds, metrics),
         metrics=metrics,
     )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings)
-        log.info("serving %s", settings.model_repo_id)  # uvicorn logs the address it really bound
-        if settings.persists():
-            await open_journal(state)
-        if settings.preload_model:
-            state.spawn(preload(state.engine))
-        state.spawn(sweep_sessions(state))
-        yield
-        await shut_down(state)
-
-    model_card = ModelCard(id=engine.model_name, created=int(time.time()), owned_by="local")
-    app = FastAPI(title="llm-server", lifespan=lifespan)
+    app = FastAPI(title="llm-server", lifespan=functools.partial(lifespan, state))
     app.state.server = state
     install_error_handlers(app)
     install_openapi(app)
+    install_middleware(app, settings, metrics)
+    add_generation_route(app, state, "/v1/chat/completions", ChatCompletionRequest, start_chat, chat_responses())
+    add_generation_route(app, state, "/v1/completions", CompletionRequest, start_completion, completions_responses())
+    add_response_routes(app, state)
+    add_session_routes(app, state)
+    add_model_routes(app, ModelCard(id=engine.model_name, created=int(time.time()), owned_by="local"))
+    add_health_routes(app, state)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(state: AppState, app: FastAPI) -> AsyncIterator[None]:
+    settings = state.settings
+    configure_logging(settings)
+    log.info("serving %s", settings.model_repo_id)  # uvicorn logs the address it really bound
+    if settings.persists():
+        await open_journal(state)
+    if settings.preload_model:
+        state.spawn(preload(state.engine))
+    state.spawn(sweep_sessions(state))
+    yield
+    await shut_down(state)
+
+
+def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     if settings.cors_allow_origins.strip():
         app.add_middleware(
             CORSMiddleware,
@@ -6537,48 +6573,48 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         )
     app.add_middleware(RequestContext, metrics=metrics)  # outermost of ours: sees every response
 
-    @app.post("/v1/chat/completions", response_model=None, responses=chat_responses())
-    async def chat_completions(request: Request, owner: Owner, last_event_id: str | None = None) -> Response:
-        resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
-        if resume is not None:  # the body is not run again: this only reads the session
-            session = await state.store.get(resume[0], owner)
-            metrics.resumes.inc()
-            return sse_response(state, session, resume[1])
-        body = await parse_chat_request(request, settings.max_request_bytes)
-        session = await start_chat(state, body, owner)
-        if body.stream:
-            return sse_response(state, session, -1)
-        completion = await collect_completion(session, state.watch)
-        return Response(
-            completion.model_dump_json(), media_type="application/json", headers={"X-Session-Id": session.id}
-        )
 
-    @app.post("/v1/completions", response_model=None, responses=completions_responses())
-    async def completions(request: Request, owner: Owner, last_event_id: str | None = None) -> Response:
-        """The legacy endpoint: sessions, streaming, resume and cancel as chat completions."""
+GenerationRequest = TypeVar("GenerationRequest", ChatCompletionRequest, CompletionRequest)
+
+
+def add_generation_route(
+    app: FastAPI, state: AppState, path: str, body_class: type[GenerationRequest],
+    start: Callable[[AppState, GenerationRequest, str], Awaitable[Session]], responses: dict[int | str, Any],
+) -> None:  # fmt: skip
+    """Chat completions and the legacy completions: a Last-Event-ID resumes (the body is not run again), else
+    the body starts a session, streamed or folded into one JSON answer."""
+
+    async def generate(request: Request, owner: Owner, last_event_id: str | None = None) -> Response:
         resume = parse_resume_point(request.headers.get("last-event-id"), last_event_id)
         if resume is not None:
             session = await state.store.get(resume[0], owner)
-            metrics.resumes.inc()
+            state.metrics.resumes.inc()
             return sse_response(state, session, resume[1])
-        body = await parse_completion_request(request, settings.max_request_bytes)
-        session = await start_completion(state, body, owner)
+        body = await parse_body(request, body_class, state.settings.max_request_bytes)
+        session = await start(state, body, owner)
         if body.stream:
             return sse_response(state, session, -1)
-        completion = await collect_completion(session, state.watch)
+        completion: BaseModel = await collect_answer(session, state.watch)
         return Response(
             completion.model_dump_json(), media_type="application/json", headers={"X-Session-Id": session.id}
         )
 
+    name = path.removeprefix("/v1/").replace("/", "_")  # the operation ids of before: chat_completions, completions
+    app.add_api_route(path, generate, methods=["POST"], name=name, response_model=None, responses=responses)
+
+
+def add_response_routes(app: FastAPI, state: AppState) -> None:
+    """The Responses API: create, retrieve (object or events), cancel, input items, delete."""
+
     @app.post("/v1/responses", response_model=None, responses=responses_responses())
     async def create_response(request: Request, owner: Owner) -> Response:
-        body = await parse_responses_request(request, settings.max_request_bytes)
+        body = await parse_body(request, ResponsesRequest, state.settings.max_request_bytes)
         session = await start_response(state, body, owner)
         if body.stream:
             return sse_response(state, session, -1)
         if body.background:  # answered at once; the generation goes on
             return response_json(json.loads(session.meta.response_json), session)
-        return response_json(await collect_response(session, state.watch), session)
+        return response_json(await collect_answer(session, state.watch), session)
 
     @app.get("/v1/responses/{response_id}", response_model=None, responses=responses_responses())
     async def retrieve_response(
@@ -6591,7 +6627,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if stream or resume is not None:
             after = resume[1] if resume is not None and resume[0] == session.id else starting_after
             if after is not None:
-                metrics.resumes.inc()
+                state.metrics.resumes.inc()
             return sse_response(state, session, -1 if after is None else after)
         return response_json(await current_response(session), session)
 
@@ -6622,10 +6658,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         await state.store.delete(session)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})  # the spec's example
 
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> Response:
-        """The built-in chat page: one static file, read per request (nothing at import), only the public API."""
-        return FileResponse(CHAT_PAGE, media_type="text/html", headers=CHAT_PAGE_HEADERS)
+
+def add_session_routes(app: FastAPI, state: AppState) -> None:
+    """Any session, whatever API started it: its events (resume), its state, cancel."""
 
     @app.get("/v1/sessions/{session_id}/events", response_model=None, responses=stream_responses())
     async def session_events(
@@ -6636,7 +6671,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise BadRequest("Last-Event-ID names another session", param="Last-Event-ID")
         session = await state.store.get(session_id, owner)
         if resume is not None:
-            metrics.resumes.inc()
+            state.metrics.resumes.inc()
         return sse_response(state, session, resume[1] if resume else -1)
 
     @app.get("/v1/sessions/{session_id}", responses=ERROR_RESPONSES)
@@ -6646,6 +6681,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.post("/v1/cancel/{session_id}", responses=ERROR_RESPONSES)
     async def cancel(session_id: str, owner: Owner) -> CancelResult:
         return await cancel_session(state, session_id, owner)
+
+
+def add_model_routes(app: FastAPI, model_card: ModelCard) -> None:
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        """The built-in chat page: one static file, read per request (nothing at import), only the public API."""
+        return FileResponse(CHAT_PAGE, media_type="text/html", headers=CHAT_PAGE_HEADERS)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(owner: Owner) -> ModelList:
@@ -6657,6 +6699,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise NotFound(f"The model {model!r} does not exist; this server serves {model_card.id!r}",
                            param="model", code="model_not_found")  # fmt: skip
         return model_card
+
+
+def add_health_routes(app: FastAPI, state: AppState) -> None:
+    engine, metrics = state.engine, state.metrics
 
     @app.get("/health")
     async def health() -> Health:
@@ -6686,8 +6732,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if not engine.is_loaded():
             raise ModelNotReady(engine.load_error() or f"model {engine.model_name} is not loaded yet")
         return Ready(status="ready", persistence=state.persistence())
-
-    return app
 
 
 async def preload(engine: Engine) -> None:

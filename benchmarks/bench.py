@@ -189,7 +189,7 @@ def measure_parser_per_token(tokenizer_dir: Path) -> tuple[float, float]:
     meta = main.StreamMeta("chatcmpl-x", 0, "m", False)
     figures = []
     for output in (main.OutputFormat(), main.OutputFormat(tool_calls=True)):
-        chunks = main.AnswerChunks(meta, output)
+        chunks = main.ChatRenderer(meta, output)
         started = time.perf_counter()
         for piece in pieces:
             chunks.encode(piece)

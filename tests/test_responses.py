@@ -80,7 +80,7 @@ def test_an_output_becomes_the_history_a_continuation_starts_from() -> None:
 
 def render(pieces: list[str], finished: main.Finished, output: main.OutputFormat) -> list[str]:
     response = main.make_response_object("resp_1", 100, "m", request(tools=[WEATHER]))
-    events = main.ResponsesEvents(response, output)
+    events = main.ResponsesRenderer(response, output)
     out = events.start()
     for text in pieces:
         out += events.encode(text)
@@ -139,11 +139,11 @@ SCORED = [{"token": "é", "logprob": -0.25, "bytes": [195, 169], "top_logprobs":
 @pytest.mark.parametrize("text", ["Hello", ' "quoted"\n', "café 日本 😀", ""])
 @pytest.mark.parametrize("logprobs", [[], SCORED, None])  # None: a reasoning_text delta
 def test_the_fast_text_delta_is_the_generic_events_bytes(text: str, logprobs: list[dict[str, Any]] | None) -> None:
-    events = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
+    events = main.ResponsesRenderer({"id": "resp_1"}, main.OutputFormat())
     events.sequence = 12
     kind = "response.output_text.delta" if logprobs is not None else "response.reasoning_text.delta"
     fields = {"item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": text}
-    generic = main.ResponsesEvents({"id": "resp_1"}, main.OutputFormat())
+    generic = main.ResponsesRenderer({"id": "resp_1"}, main.OutputFormat())
     generic.sequence = 12
     expected = generic._event(kind, **fields, **({"logprobs": logprobs} if logprobs is not None else {}))
     assert events.text_delta("msg_1", 2, text, logprobs) == expected

@@ -87,8 +87,8 @@ def test_n_choices_fold_choice_by_choice_with_their_logprobs() -> None:
     meta = main.StreamMeta("chatcmpl-1", 0, "m", True)
     events = []
     for index in (0, 1):
-        events.append(main.AnswerChunks(meta, main.OutputFormat(), index).start()[0])
-    first, second = main.AnswerChunks(meta, main.OutputFormat(), 0), main.AnswerChunks(meta, main.OutputFormat(), 1)
+        events.append(main.ChatRenderer(meta, main.OutputFormat(), index).start()[0])
+    first, second = main.ChatRenderer(meta, main.OutputFormat(), 0), main.ChatRenderer(meta, main.OutputFormat(), 1)
     events += first.encode("Hi", [score("Hi")]) + second.encode("Yo") + second.finish(main.Finished("length", 1, 1))
     events += first.finish(main.Finished("stop", 1)) + first.close(3, 2) + [main.DONE]
     completion = main.fold_completion(meta, events)
@@ -102,7 +102,7 @@ def test_n_choices_fold_choice_by_choice_with_their_logprobs() -> None:
 
 def test_legacy_chunks_fold_with_offsets_from_the_echoed_prompt() -> None:
     meta = main.StreamMeta("cmpl-1", 0, "m", True, "completions", echo_json='["Hi"]')
-    chunks = main.CompletionChunks(meta, 0)
+    chunks = main.CompletionsRenderer(meta, 0)
     prompt = (main.TokenScore("Hi", None, b"Hi"),)
     events = chunks.start() + chunks.echo(prompt) + chunks.encode(" there", [score(" there")])
     events += chunks.finish(main.Finished("length", 1)) + chunks.close(1, 1) + [main.DONE]
