@@ -98,9 +98,14 @@ if TYPE_CHECKING:  # heavy imports happen lazily, inside the engine, never at im
 
 log = logging.getLogger("llm_server")
 
-# ==== 1. Config ==============================================================================================
+
+# ==== 1. Config =====================================================================================================
+# Frozen, validated Settings from the environment (.env.example names); logging with redaction.
+
 
 DEFAULT_MODEL_REPO_ID = "unsloth/Qwen3-4B-Instruct-2507"
+
+
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -118,6 +123,8 @@ def parse_bool(raw: str) -> bool:
 
 
 _CASTS: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": parse_bool}
+
+
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -329,9 +336,13 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
 
 
-# ==== 2. Wire types ==========================================================================================
+# ==== 2. Wire types =================================================================================================
+# The pydantic request and response models, named as OpenAI names them.
+
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+
+
 MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for, as OpenAI's top_logprobs
 
 
@@ -584,6 +595,8 @@ class TextConfig(WireModel):
 
 
 OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
 ResponseIncludable = Literal[
     "message.output_text.logprobs",  # built: logprobs on output_text parts and delta events
     "message.input_image.image_url",  # input items list their image urls anyway
@@ -810,7 +823,8 @@ class Live(BaseModel):
     status: Literal["ok"]
 
 
-# ==== 3. Errors ==============================================================================================
+# ==== 3. Errors =====================================================================================================
+# One APIError family -> the OpenAI error body; validation errors -> a 400 naming the param.
 
 
 class APIError(Exception):
@@ -924,20 +938,16 @@ def describe_validation_error(errors: list[Any]) -> BadRequest:
     return BadRequest(f"{param or 'body'}: {message}", param=param)
 
 
-# ==== 4. Protocol ============================================================================================
-# Pure: OpenAI JSON -> internal records -> SSE bytes. No I/O, no globals, no model.
+# ==== 4. Records ====================================================================================================
+# Pure from here to section 7: OpenAI JSON -> internal records -> SSE bytes. No I/O, no globals, no
+# model. Here: what flows between the parts (params, engine events, prompts, stream metadata, event ids) and the
+# Engine protocol.
+
 
 DONE = "[DONE]"
-SSE_LINE_END = "\n"  # deliberate: sse-starlette's default is CRLF; clients and tests rely on LF framing
-KEEPALIVE_LINE = b": keep-alive\n"  # deliberate: no blank line after it (see KeepaliveComment)
+
+
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
-
-
-GRAMMAR_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# deliberate: constrained JSON has one fixed layout, `{"a": 1, "b": [2, 3]}`. With free whitespace small models
-# drift into runs of spaces and newlines, or numbers without end, until max_tokens (vLLM's
-# --disable-any-whitespace exists for this).
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5, Qwen3 and Hermes-style templates
 
 
 ConstraintKind = Literal["json_schema", "tool_call", "tool_calls", "auto_tool_call", "auto_tool_calls"]
@@ -1028,6 +1038,116 @@ def parse_event_id(text: str) -> tuple[str, int] | None:
     return session_id, int(index)
 
 
+ReasoningMode = Literal["off", "open", "maybe"]  # off: none; open: the prompt opened <think>; maybe: the model may
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How to read what a model writes, known from its chat template and the rendered prompt."""
+
+    tool_calls: bool = False  # parse <tool_call> blocks
+    reasoning: ReasoningMode = "off"
+    parallel_tool_calls: bool = True  # False: the answer ends after the first call
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    choice: int = 0  # which of the request's n choices
+    logprobs: tuple[TokenScore, ...] = ()  # the tokens this text came from, when logprobs are asked for
+    tokens: tuple[int, ...] = ()  # the token ids this text came from (journaled: a restart continues after them)
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    completion_tokens: int
+    choice: int = 0
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The legacy echo with logprobs: the prompt's tokens, scored, before the choice's first delta."""
+
+    scores: tuple[TokenScore, ...]
+    choice: int = 0
+
+
+EngineEvent = Delta | Finished | PromptScores
+
+
+@dataclass(frozen=True)
+class ChoiceResume:
+    """Where one choice stands when a restart continues it: the tokens it has emitted (re-prefilled after the
+    prompt, counted against max_tokens and by the penalties), whether it has ended, and whether its prompt
+    scores (the legacy echo) were already sent."""
+
+    tokens: tuple[int, ...] = ()
+    finished: bool = False
+    scored: bool = False
+
+
+@dataclass
+class PreparedPrompt:
+    """A templated, tokenized prompt, ready for the engine (inputs are engine-specific)."""
+
+    inputs: Any
+    prompt_tokens: int
+    grammar: CompiledGrammar | None = None  # the compiled response_format or forced tool call, if any
+    output: OutputFormat = field(default_factory=OutputFormat)  # how to read what the model writes
+    text: str = ""  # a raw prompt as text (the legacy echo)
+
+
+@dataclass(frozen=True)
+class TemplateInputs:
+    """What the chat template takes beside the messages: the tools to show, and the request's own keywords."""
+
+    tools: list[dict[str, Any]] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs, e.g. {"enable_thinking": False}
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {**self.kwargs, **({"tools": self.tools} if self.tools else {})}
+
+
+class Engine(Protocol):
+    """What the server needs from a model. Every method blocks: call them from worker threads."""
+
+    model_name: str
+
+    def is_loaded(self) -> bool: ...
+
+    def load_error(self) -> str | None: ...
+
+    def load(self) -> None: ...
+
+    def context_length(self) -> int | None: ...
+
+    def prepare(
+        self, messages: list[dict[str, Any]], params: GenerationParams, template: TemplateInputs | None = None
+    ) -> PreparedPrompt: ...
+
+    def prepare_text(self, prompt: str | list[int], params: GenerationParams) -> PreparedPrompt: ...
+
+    def stream(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+        ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
+    ) -> Iterator[EngineEvent]: ...  # fmt: skip
+
+
+# ==== 5. Requests ===================================================================================================
+# An API request -> template messages, tools, constraints and sampling params; policy checks; a
+# Responses request as the chat request it means.
+
+
+GRAMMAR_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# deliberate: constrained JSON has one fixed layout, `{"a": 1, "b": [2, 3]}`. With free whitespace small models
+# drift into runs of spaces and newlines, or numbers without end, until max_tokens (vLLM's
+# --disable-any-whitespace exists for this).
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5, Qwen3 and Hermes-style templates
+
+
 def key_owner(authorization: str | None, keys: list[str]) -> str:
     """The owner id of a request: "" when no keys are set, else a short hash of the key it presented.
     Compares against every key in constant time, so timing says neither whether nor which one matched."""
@@ -1087,232 +1207,6 @@ def parse_resume_point(header: str | None, query: str | None) -> tuple[str, int]
     if point is None:
         raise BadRequest(f"malformed Last-Event-ID {raw[:200]!r}: expected <session_id>:<index>", param="Last-Event-ID")
     return point
-
-
-def make_interrupted_error() -> dict[str, Any]:
-    return make_error(
-        "the generation was interrupted: the server stopped before it finished", "server_error", None, "interrupted"
-    )
-
-
-def make_store_failed_error() -> dict[str, Any]:
-    return make_error("the generation was interrupted: the session store (Redis) stopped answering", "server_error",
-                      None, "session_store_unavailable")  # fmt: skip
-
-
-def make_events_lost_error(lost_from: int) -> dict[str, Any]:
-    return make_error(
-        f"events from index {lost_from} on are lost: the session journal failed while this generation ran (a full "
-        "disk?) and the server restarted before it finished", "server_error", None, "events_lost",
-    )  # fmt: skip
-
-
-def events_lost_tail(lost_from: int) -> list[str]:
-    """What a replay of a session whose journal failed part-way ends with, sent without event ids: those indices
-    were handed out as content before the restart and are not in the journal."""
-    return [json.dumps(make_events_lost_error(lost_from)), DONE]
-
-
-def interrupted_tail() -> list[str]:
-    """The last events of a generation the server left behind, whether it shut down or crashed."""
-    return [json.dumps(make_interrupted_error()), DONE]
-
-
-def make_sse_event(data: str, event_id: str | None = None, event: str | None = None) -> ServerSentEvent:
-    """One SSE event, framed by sse-starlette: `id:` line, `event:` line (Responses streams), one `data:` line per
-    line of data, blank line."""
-    return ServerSentEvent(data, id=event_id, event=event, sep=SSE_LINE_END)
-
-
-class KeepaliveComment(ServerSentEvent):
-    """The keep-alive: one comment line and no blank line after it, so it travels with the next event. Bytes keep
-    proxies from timing out a long prefill, and no client dispatches anything. Deliberate: a blank line after the
-    comment (sse-starlette's ping) makes openai-python, which never resets the last event id as the SSE spec says,
-    dispatch an empty event and fail parsing it as JSON on every stream that outlives one interval."""
-
-    def encode(self) -> bytes:
-        return KEEPALIVE_LINE
-
-
-def make_keepalive() -> ServerSentEvent:
-    return KeepaliveComment(sep=SSE_LINE_END)
-
-
-def encode_sse(data: str, event_id: str | None = None, event: str | None = None) -> bytes:
-    """The exact bytes of one event on the wire."""
-    return make_sse_event(data, event_id, event).encode()
-
-
-def to_wire_finish_reason(reason: str) -> WireFinishReason:
-    """The spec has no "cancelled": a cancelled generation stopped where it was asked to, so it says "stop";
-    the session's state ("cancelled", GET /v1/sessions/{id}) keeps the fact visible."""
-    return "length" if reason == "length" else "tool_calls" if reason == "tool_calls" else "stop"
-
-
-def make_chunk(
-    meta: StreamMeta, content: str | None = None, *, role: bool = False, finish_reason: str | None = None,
-    index: int = 0, logprobs: Sequence[TokenScore] = (),
-) -> ChatCompletionChunk:  # fmt: skip
-    delta = ChunkDelta(role="assistant" if role else None, content=content)
-    return make_delta_chunk(meta, delta, finish_reason, index, logprobs)
-
-
-def make_delta_chunk(
-    meta: StreamMeta, delta: ChunkDelta, finish_reason: str | None = None, index: int = 0,
-    logprobs: Sequence[TokenScore] = (),
-) -> ChatCompletionChunk:  # fmt: skip
-    finish = None if finish_reason is None else to_wire_finish_reason(finish_reason)
-    choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=to_choice_logprobs(logprobs))
-    return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice])
-
-
-def to_top_logprob(text: str, logprob: float, raw: bytes) -> TopLogprob:
-    return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
-
-
-def to_token_logprobs(scores: Sequence[TokenScore]) -> list[TokenLogprob]:
-    """Scored tokens as the entries chat's `logprobs.content` and a Responses `output_text` part list."""
-    return [TokenLogprob(token=s.token, logprob=s.logprob if s.logprob is not None else 0.0, bytes=list(s.raw),
-                         top_logprobs=[to_top_logprob(*top) for top in s.top]) for s in scores]  # fmt: skip
-
-
-def to_choice_logprobs(scores: Sequence[TokenScore]) -> ChoiceLogprobs | None:
-    """Scored tokens as chat's `logprobs`; None (the field's null) when there are none."""
-    return ChoiceLogprobs(content=to_token_logprobs(scores)) if scores else None
-
-
-class LogprobAligner:
-    """Hands out scored tokens with the text they made: a token goes out with the chunk that carries its first
-    byte. Stop strings hold text back and cut it; the tokens of the text they cut are dropped (`rest`)."""
-
-    def __init__(self) -> None:
-        self.queue: collections.deque[tuple[int, TokenScore]] = collections.deque()  # (its first byte, it)
-        self.queued = 0  # bytes of the tokens queued so far
-        self.sent = 0  # bytes of the text sent so far
-
-    def push(self, scores: Sequence[TokenScore]) -> None:
-        for score in scores:
-            self.queue.append((self.queued, score))
-            self.queued += len(score.raw)
-
-    def take(self, text: str) -> list[TokenScore]:
-        self.sent += len(text.encode())
-        out: list[TokenScore] = []
-        while self.queue and (self.queue[0][0] < self.sent or (self.queue[0][0] == self.sent
-                                                                and not self.queue[0][1].raw)):  # fmt: skip
-            out.append(self.queue.popleft()[1])
-        return out
-
-    def rest(self, cut: bool) -> list[TokenScore]:
-        """At the end: the tokens not sent yet, or none where a stop string cut the text they made."""
-        out = [] if cut else [score for _, score in self.queue]
-        self.queue.clear()
-        return out
-
-
-class ContentChunks:
-    """The content chunks of one completion, the per-token hot path: the bytes of
-    `make_chunk(meta, text).model_dump_json()` (a test holds them equal over a table of texts), built by joining a
-    prefix and suffix made once with the text's JSON. Deliberate: on 2 CPU cores every microsecond the event loop
-    spends per token is taken from the model's threads (measured: ~17 us to build and dump the model per chunk,
-    against ~2 us for this)."""
-
-    def __init__(self, meta: StreamMeta, index: int = 0) -> None:
-        marker = "\u0000marker\u0000"
-        head, _, tail = make_chunk(meta, marker, index=index).model_dump_json().partition(json.dumps(marker))
-        self.prefix, self.suffix = head, tail
-
-    def encode(self, text: str) -> str:
-        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
-
-
-def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
-
-
-def make_usage_chunk(meta: StreamMeta, usage: Usage) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[], usage=usage)
-
-
-@dataclass
-class ChoiceText:
-    """One choice of a completion as the stream's deltas build it (the JSON answer's fold)."""
-
-    text: str = ""
-    reasoning: str = ""
-    finish_reason: str | None = None
-    calls: dict[int, dict[str, str]] = field(default_factory=dict)  # index -> id, name, arguments, joined
-    logprobs: list[dict[str, Any]] | None = None  # the chat entries, as streamed
-
-    def tool_calls(self) -> list[ResponseToolCall]:
-        return [ResponseToolCall(id=c["id"], function=ResponseFunctionCall(name=c["name"], arguments=c["arguments"]))
-                for _, c in sorted(self.calls.items())]  # fmt: skip
-
-
-def make_choice(index: int, choice: ChoiceText) -> Choice:
-    """With calls, `content` is the text before them, or null when there is none (as the API answers)."""
-    finish = None if choice.finish_reason is None else to_wire_finish_reason(choice.finish_reason)
-    tool_calls, reasoning = choice.tool_calls(), choice.reasoning
-    message = ResponseMessage(content=choice.text or (None if tool_calls else choice.text),
-                              tool_calls=tool_calls or None, reasoning_content=reasoning or None,
-                              reasoning=reasoning or None)  # fmt: skip
-    logprobs = None if choice.logprobs is None else ChoiceLogprobs.model_validate({"content": choice.logprobs})
-    return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
-
-
-def make_completion(
-    meta: StreamMeta, text: str, finish_reason: str | None, usage: Usage | None, reasoning: str = "",
-    tool_calls: list[ResponseToolCall] | None = None,
-) -> ChatCompletion:  # fmt: skip
-    calls = {i: {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
-             for i, c in enumerate(tool_calls or [])}  # fmt: skip
-    choice = make_choice(0, ChoiceText(text, reasoning, finish_reason, calls))
-    return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice], usage=usage)
-
-
-class StreamFailed(APIError):
-    """Raised by the JSON fold when the stream ended with an error event."""
-
-    def __init__(self, message: str, type_: str, code: str | None) -> None:
-        super().__init__(message, code=code)
-        self.type = type_
-        self.status = 503 if type_ == ModelNotReady.type else 500
-
-
-def stream_payloads(event_data: list[str]) -> Iterator[dict[str, Any]]:
-    """A session's chunk payloads up to its end marker; an error event raises it."""
-    for data in event_data:
-        if data == DONE:
-            return
-        payload = json.loads(data)
-        if "error" in payload:
-            error = payload["error"]
-            raise StreamFailed(error["message"], error["type"], error.get("code"))
-        yield payload
-
-
-def fold_completion(meta: StreamMeta, event_data: list[str]) -> ChatCompletion:
-    """The JSON answer is the fold of the stream's event payloads, choice by choice; an error event raises it."""
-    choices: dict[int, ChoiceText] = {}
-    usage = None
-    for payload in stream_payloads(event_data):
-        for chunk in payload["choices"]:
-            choice, delta = choices.setdefault(chunk.get("index", 0), ChoiceText()), chunk["delta"]
-            choice.text += delta.get("content") or ""
-            choice.reasoning += delta.get("reasoning_content") or ""
-            for call in delta.get("tool_calls") or []:
-                entry = choice.calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
-                entry["id"] += call.get("id") or ""
-                entry["name"] += call["function"].get("name") or ""
-                entry["arguments"] += call["function"].get("arguments") or ""
-            if chunk.get("logprobs"):
-                choice.logprobs = (choice.logprobs or []) + chunk["logprobs"]["content"]
-            choice.finish_reason = chunk["finish_reason"] or choice.finish_reason
-        usage = Usage.model_validate(payload["usage"]) if payload.get("usage") else usage
-    answer = [make_choice(i, c) for i, c in sorted(choices.items())]
-    return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=answer, usage=usage)
 
 
 def to_text(content: str | list[Any] | None) -> str:
@@ -1397,7 +1291,11 @@ def check_media_count(refs: list[MediaRef], max_images: int) -> None:
 
 
 ANY_JSON_OBJECT = '{"type":"object"}'
+
+
 SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
 SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
@@ -1609,6 +1507,119 @@ def to_prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> lis
     return prompts
 
 
+def to_chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """Input items as chat messages (what the chat path validates and templates): function calls become an
+    assistant's tool_calls, their outputs tool messages, echoed output text an assistant message."""
+    if isinstance(request.input, str):
+        return [{"role": "user", "content": request.input}]
+    messages: list[dict[str, Any]] = []
+    for item in request.input:
+        if isinstance(item, MessageItem):
+            messages.append({"role": item.role, "content": to_chat_content(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
+                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant message
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+    return messages
+
+
+def to_chat_content(content: str | list[InputText | InputImage]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    return [{"type": "text", "text": part.text} if isinstance(part, InputText)
+            else {"type": "image_url", "image_url": {"url": part.image_url}} for part in content]  # fmt: skip
+
+
+def to_chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request a Responses request means: `instructions` as the system message (never carried over),
+    the conversation so far (`previous_response_id`), then the input; tools, tool_choice and `text.format`
+    unflattened. Validated as any chat request, so the same 400s apply."""
+    system = [{"role": "system", "content": request.instructions}] if request.instructions else []
+    body: dict[str, Any] = {"messages": system + history + to_chat_messages(request)}
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                         for tool in request.tools]  # fmt: skip
+    if isinstance(request.tool_choice, FlatNamedToolChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
+    elif request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice
+    text_format = request.text.format if request.text is not None else None
+    if isinstance(text_format, FlatJsonSchemaFormat):
+        spec = text_format.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
+    elif text_format is not None:
+        body["response_format"] = {"type": text_format.type}
+    fields = {"parallel_tool_calls": request.parallel_tool_calls, "temperature": request.temperature,
+              "top_p": request.top_p, "max_completion_tokens": request.max_output_tokens,
+              "chat_template_kwargs": request.chat_template_kwargs}  # fmt: skip
+    if request.wants_logprobs:
+        fields |= {"logprobs": True, "top_logprobs": request.top_logprobs or 0}
+    body.update({key: value for key, value in fields.items() if value is not None})
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise describe_validation_error(exc.errors()) from exc
+
+
+def to_input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """A request's input as the API lists it back: items with ids, a string as one user message."""
+    if isinstance(request.input, str):
+        items: list[dict[str, Any]] = [{"type": "message", "role": "user",
+                                        "content": [{"type": "input_text", "text": request.input}]}]  # fmt: skip
+    else:
+        items = [item.model_dump(exclude_none=True) for item in request.input]
+    for item in items:
+        if isinstance(item.get("content"), str):
+            item["content"] = [{"type": "input_text", "text": item["content"]}]
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(item["type"], "item")
+        item.setdefault("id", f"{prefix}_{secrets.token_hex(12)}")
+        if item["type"] != "reasoning":
+            item.setdefault("status", "completed")
+    return items
+
+
+# ==== 6. Output parsing =============================================================================================
+# Stop strings, logprob alignment, and the incremental tool-call / reasoning parser.
+
+
+class LogprobAligner:
+    """Hands out scored tokens with the text they made: a token goes out with the chunk that carries its first
+    byte. Stop strings hold text back and cut it; the tokens of the text they cut are dropped (`rest`)."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[tuple[int, TokenScore]] = collections.deque()  # (its first byte, it)
+        self.queued = 0  # bytes of the tokens queued so far
+        self.sent = 0  # bytes of the text sent so far
+
+    def push(self, scores: Sequence[TokenScore]) -> None:
+        for score in scores:
+            self.queue.append((self.queued, score))
+            self.queued += len(score.raw)
+
+    def take(self, text: str) -> list[TokenScore]:
+        self.sent += len(text.encode())
+        out: list[TokenScore] = []
+        while self.queue and (self.queue[0][0] < self.sent or (self.queue[0][0] == self.sent
+                                                                and not self.queue[0][1].raw)):  # fmt: skip
+            out.append(self.queue.popleft()[1])
+        return out
+
+    def rest(self, cut: bool) -> list[TokenScore]:
+        """At the end: the tokens not sent yet, or none where a stop string cut the text they made."""
+        out = [] if cut else [score for _, score in self.queue]
+        self.queue.clear()
+        return out
+
+
 class StopMatcher:
     """Cuts the text at the first stop string; holds back a tail that may be the start of one."""
 
@@ -1637,17 +1648,9 @@ class StopMatcher:
 # -- the model's output -> content, reasoning and tool calls (an incremental parser: text deltas in, pieces out) --
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
 CALL_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-ReasoningMode = Literal["off", "open", "maybe"]  # off: none; open: the prompt opened <think>; maybe: the model may
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    """How to read what a model writes, known from its chat template and the rendered prompt."""
-
-    tool_calls: bool = False  # parse <tool_call> blocks
-    reasoning: ReasoningMode = "off"
-    parallel_tool_calls: bool = True  # False: the answer ends after the first call
 
 
 @dataclass(frozen=True)
@@ -1861,6 +1864,214 @@ def is_json(text: str) -> bool:
     return True
 
 
+# ==== 7. Renderers ==================================================================================================
+# Engine output -> each API's events (a Renderer per API), SSE bytes, the JSON folds; one
+# WireProtocol table per API.
+
+
+SSE_LINE_END = "\n"  # deliberate: sse-starlette's default is CRLF; clients and tests rely on LF framing
+
+
+KEEPALIVE_LINE = b": keep-alive\n"  # deliberate: no blank line after it (see KeepaliveComment)
+
+
+def make_interrupted_error() -> dict[str, Any]:
+    return make_error(
+        "the generation was interrupted: the server stopped before it finished", "server_error", None, "interrupted"
+    )
+
+
+def make_store_failed_error() -> dict[str, Any]:
+    return make_error("the generation was interrupted: the session store (Redis) stopped answering", "server_error",
+                      None, "session_store_unavailable")  # fmt: skip
+
+
+def make_events_lost_error(lost_from: int) -> dict[str, Any]:
+    return make_error(
+        f"events from index {lost_from} on are lost: the session journal failed while this generation ran (a full "
+        "disk?) and the server restarted before it finished", "server_error", None, "events_lost",
+    )  # fmt: skip
+
+
+def events_lost_tail(lost_from: int) -> list[str]:
+    """What a replay of a session whose journal failed part-way ends with, sent without event ids: those indices
+    were handed out as content before the restart and are not in the journal."""
+    return [json.dumps(make_events_lost_error(lost_from)), DONE]
+
+
+def interrupted_tail() -> list[str]:
+    """The last events of a generation the server left behind, whether it shut down or crashed."""
+    return [json.dumps(make_interrupted_error()), DONE]
+
+
+def make_sse_event(data: str, event_id: str | None = None, event: str | None = None) -> ServerSentEvent:
+    """One SSE event, framed by sse-starlette: `id:` line, `event:` line (Responses streams), one `data:` line per
+    line of data, blank line."""
+    return ServerSentEvent(data, id=event_id, event=event, sep=SSE_LINE_END)
+
+
+class KeepaliveComment(ServerSentEvent):
+    """The keep-alive: one comment line and no blank line after it, so it travels with the next event. Bytes keep
+    proxies from timing out a long prefill, and no client dispatches anything. Deliberate: a blank line after the
+    comment (sse-starlette's ping) makes openai-python, which never resets the last event id as the SSE spec says,
+    dispatch an empty event and fail parsing it as JSON on every stream that outlives one interval."""
+
+    def encode(self) -> bytes:
+        return KEEPALIVE_LINE
+
+
+def make_keepalive() -> ServerSentEvent:
+    return KeepaliveComment(sep=SSE_LINE_END)
+
+
+def encode_sse(data: str, event_id: str | None = None, event: str | None = None) -> bytes:
+    """The exact bytes of one event on the wire."""
+    return make_sse_event(data, event_id, event).encode()
+
+
+def to_wire_finish_reason(reason: str) -> WireFinishReason:
+    """The spec has no "cancelled": a cancelled generation stopped where it was asked to, so it says "stop";
+    the session's state ("cancelled", GET /v1/sessions/{id}) keeps the fact visible."""
+    return "length" if reason == "length" else "tool_calls" if reason == "tool_calls" else "stop"
+
+
+def make_chunk(
+    meta: StreamMeta, content: str | None = None, *, role: bool = False, finish_reason: str | None = None,
+    index: int = 0, logprobs: Sequence[TokenScore] = (),
+) -> ChatCompletionChunk:  # fmt: skip
+    delta = ChunkDelta(role="assistant" if role else None, content=content)
+    return make_delta_chunk(meta, delta, finish_reason, index, logprobs)
+
+
+def make_delta_chunk(
+    meta: StreamMeta, delta: ChunkDelta, finish_reason: str | None = None, index: int = 0,
+    logprobs: Sequence[TokenScore] = (),
+) -> ChatCompletionChunk:  # fmt: skip
+    finish = None if finish_reason is None else to_wire_finish_reason(finish_reason)
+    choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=to_choice_logprobs(logprobs))
+    return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice])
+
+
+def to_top_logprob(text: str, logprob: float, raw: bytes) -> TopLogprob:
+    return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
+
+
+def to_token_logprobs(scores: Sequence[TokenScore]) -> list[TokenLogprob]:
+    """Scored tokens as the entries chat's `logprobs.content` and a Responses `output_text` part list."""
+    return [TokenLogprob(token=s.token, logprob=s.logprob if s.logprob is not None else 0.0, bytes=list(s.raw),
+                         top_logprobs=[to_top_logprob(*top) for top in s.top]) for s in scores]  # fmt: skip
+
+
+def to_choice_logprobs(scores: Sequence[TokenScore]) -> ChoiceLogprobs | None:
+    """Scored tokens as chat's `logprobs`; None (the field's null) when there are none."""
+    return ChoiceLogprobs(content=to_token_logprobs(scores)) if scores else None
+
+
+class ContentChunks:
+    """The content chunks of one completion, the per-token hot path: the bytes of
+    `make_chunk(meta, text).model_dump_json()` (a test holds them equal over a table of texts), built by joining a
+    prefix and suffix made once with the text's JSON. Deliberate: on 2 CPU cores every microsecond the event loop
+    spends per token is taken from the model's threads (measured: ~17 us to build and dump the model per chunk,
+    against ~2 us for this)."""
+
+    def __init__(self, meta: StreamMeta, index: int = 0) -> None:
+        marker = "\u0000marker\u0000"
+        head, _, tail = make_chunk(meta, marker, index=index).model_dump_json().partition(json.dumps(marker))
+        self.prefix, self.suffix = head, tail
+
+    def encode(self, text: str) -> str:
+        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def make_usage_chunk(meta: StreamMeta, usage: Usage) -> ChatCompletionChunk:
+    return ChatCompletionChunk(id=meta.completion_id, created=meta.created, model=meta.model, choices=[], usage=usage)
+
+
+@dataclass
+class ChoiceText:
+    """One choice of a completion as the stream's deltas build it (the JSON answer's fold)."""
+
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)  # index -> id, name, arguments, joined
+    logprobs: list[dict[str, Any]] | None = None  # the chat entries, as streamed
+
+    def tool_calls(self) -> list[ResponseToolCall]:
+        return [ResponseToolCall(id=c["id"], function=ResponseFunctionCall(name=c["name"], arguments=c["arguments"]))
+                for _, c in sorted(self.calls.items())]  # fmt: skip
+
+
+def make_choice(index: int, choice: ChoiceText) -> Choice:
+    """With calls, `content` is the text before them, or null when there is none (as the API answers)."""
+    finish = None if choice.finish_reason is None else to_wire_finish_reason(choice.finish_reason)
+    tool_calls, reasoning = choice.tool_calls(), choice.reasoning
+    message = ResponseMessage(content=choice.text or (None if tool_calls else choice.text),
+                              tool_calls=tool_calls or None, reasoning_content=reasoning or None,
+                              reasoning=reasoning or None)  # fmt: skip
+    logprobs = None if choice.logprobs is None else ChoiceLogprobs.model_validate({"content": choice.logprobs})
+    return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
+
+
+def make_completion(
+    meta: StreamMeta, text: str, finish_reason: str | None, usage: Usage | None, reasoning: str = "",
+    tool_calls: list[ResponseToolCall] | None = None,
+) -> ChatCompletion:  # fmt: skip
+    calls = {i: {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+             for i, c in enumerate(tool_calls or [])}  # fmt: skip
+    choice = make_choice(0, ChoiceText(text, reasoning, finish_reason, calls))
+    return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=[choice], usage=usage)
+
+
+class StreamFailed(APIError):
+    """Raised by the JSON fold when the stream ended with an error event."""
+
+    def __init__(self, message: str, type_: str, code: str | None) -> None:
+        super().__init__(message, code=code)
+        self.type = type_
+        self.status = 503 if type_ == ModelNotReady.type else 500
+
+
+def stream_payloads(event_data: list[str]) -> Iterator[dict[str, Any]]:
+    """A session's chunk payloads up to its end marker; an error event raises it."""
+    for data in event_data:
+        if data == DONE:
+            return
+        payload = json.loads(data)
+        if "error" in payload:
+            error = payload["error"]
+            raise StreamFailed(error["message"], error["type"], error.get("code"))
+        yield payload
+
+
+def fold_completion(meta: StreamMeta, event_data: list[str]) -> ChatCompletion:
+    """The JSON answer is the fold of the stream's event payloads, choice by choice; an error event raises it."""
+    choices: dict[int, ChoiceText] = {}
+    usage = None
+    for payload in stream_payloads(event_data):
+        for chunk in payload["choices"]:
+            choice, delta = choices.setdefault(chunk.get("index", 0), ChoiceText()), chunk["delta"]
+            choice.text += delta.get("content") or ""
+            choice.reasoning += delta.get("reasoning_content") or ""
+            for call in delta.get("tool_calls") or []:
+                entry = choice.calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                entry["id"] += call.get("id") or ""
+                entry["name"] += call["function"].get("name") or ""
+                entry["arguments"] += call["function"].get("arguments") or ""
+            if chunk.get("logprobs"):
+                choice.logprobs = (choice.logprobs or []) + chunk["logprobs"]["content"]
+            choice.finish_reason = chunk["finish_reason"] or choice.finish_reason
+        usage = Usage.model_validate(payload["usage"]) if payload.get("usage") else usage
+    answer = [make_choice(i, c) for i, c in sorted(choices.items())]
+    return ChatCompletion(id=meta.completion_id, created=meta.created, model=meta.model, choices=answer, usage=usage)
+
+
 def to_delta(piece: OutputPiece) -> ChunkDelta:
     """A parsed piece as the API streams it: a call's id, type and name only in its first delta (clients join
     every string they see again: the "add_two_numbersadd_two_numbers" bug), then its arguments piece by piece;
@@ -1945,87 +2156,9 @@ class ChatRenderer:
 # -- the Responses API: requests as chat requests, engine output as Responses events, events back as objects --
 
 RESPONSE_TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
 EVENT_TYPE_AT = len('{"type":"')  # every Responses event's JSON starts with its type
-
-
-def to_chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
-    """Input items as chat messages (what the chat path validates and templates): function calls become an
-    assistant's tool_calls, their outputs tool messages, echoed output text an assistant message."""
-    if isinstance(request.input, str):
-        return [{"role": "user", "content": request.input}]
-    messages: list[dict[str, Any]] = []
-    for item in request.input:
-        if isinstance(item, MessageItem):
-            messages.append({"role": item.role, "content": to_chat_content(item.content)})
-        elif isinstance(item, FunctionCallItem):
-            call = {
-                "id": item.call_id,
-                "type": "function",
-                "function": {"name": item.name, "arguments": item.arguments},
-            }
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
-                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant message
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif isinstance(item, FunctionCallOutputItem):
-            output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
-    return messages
-
-
-def to_chat_content(content: str | list[InputText | InputImage]) -> str | list[dict[str, Any]]:
-    if isinstance(content, str):
-        return content
-    return [{"type": "text", "text": part.text} if isinstance(part, InputText)
-            else {"type": "image_url", "image_url": {"url": part.image_url}} for part in content]  # fmt: skip
-
-
-def to_chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
-    """The chat request a Responses request means: `instructions` as the system message (never carried over),
-    the conversation so far (`previous_response_id`), then the input; tools, tool_choice and `text.format`
-    unflattened. Validated as any chat request, so the same 400s apply."""
-    system = [{"role": "system", "content": request.instructions}] if request.instructions else []
-    body: dict[str, Any] = {"messages": system + history + to_chat_messages(request)}
-    if request.tools:
-        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
-                         for tool in request.tools]  # fmt: skip
-    if isinstance(request.tool_choice, FlatNamedToolChoice):
-        body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
-    elif request.tool_choice is not None:
-        body["tool_choice"] = request.tool_choice
-    text_format = request.text.format if request.text is not None else None
-    if isinstance(text_format, FlatJsonSchemaFormat):
-        spec = text_format.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
-        body["response_format"] = {"type": "json_schema", "json_schema": spec}
-    elif text_format is not None:
-        body["response_format"] = {"type": text_format.type}
-    fields = {"parallel_tool_calls": request.parallel_tool_calls, "temperature": request.temperature,
-              "top_p": request.top_p, "max_completion_tokens": request.max_output_tokens,
-              "chat_template_kwargs": request.chat_template_kwargs}  # fmt: skip
-    if request.wants_logprobs:
-        fields |= {"logprobs": True, "top_logprobs": request.top_logprobs or 0}
-    body.update({key: value for key, value in fields.items() if value is not None})
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise describe_validation_error(exc.errors()) from exc
-
-
-def to_input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
-    """A request's input as the API lists it back: items with ids, a string as one user message."""
-    if isinstance(request.input, str):
-        items: list[dict[str, Any]] = [{"type": "message", "role": "user",
-                                        "content": [{"type": "input_text", "text": request.input}]}]  # fmt: skip
-    else:
-        items = [item.model_dump(exclude_none=True) for item in request.input]
-    for item in items:
-        if isinstance(item.get("content"), str):
-            item["content"] = [{"type": "input_text", "text": item["content"]}]
-        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(item["type"], "item")
-        item.setdefault("id", f"{prefix}_{secrets.token_hex(12)}")
-        if item["type"] != "reasoning":
-            item.setdefault("status", "completed")
-    return items
 
 
 def to_chat_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -2426,8 +2559,10 @@ def make_renderer(meta: StreamMeta, output: OutputFormat, index: int = 0) -> Ren
     return WIRE_PROTOCOLS[meta.protocol].make_renderer(meta, output, index)
 
 
-# ==== 5. Media ===============================================================================================
-# Fetching and decoding images and videos. Blocking: runs in the worker thread that prepares the prompt.
+# ==== 8. Media ======================================================================================================
+# Fetching and decoding images and videos, bounded. Blocking: runs in the worker thread that
+# prepares the prompt.
+
 
 MEDIA_MAX_REDIRECTS = 3
 
@@ -2587,12 +2722,13 @@ def load_media(ref: MediaRef, settings: Settings) -> Any:
     return decode_video(data, ref.param, settings.max_video_frames, settings.max_image_pixels)
 
 
-# ==== 6. Constraints =========================================================================================
+# ==== 9. Constraints ================================================================================================
 # Structured outputs and forced tool calls: a JSON Schema (or `<tool_call>` blocks around one) compiled once
 # (llguidance) into a grammar over the model's tokens. Each constrained row gets its own matcher; before every
 # sampling step it masks out the tokens that cannot continue a valid output, so greedy and sampled rows alike can
-# only write text the grammar accepts. The choice of engine
-# (llguidance over xgrammar: no dependencies, 3 MB, Windows wheels; measured in CLAUDE.md) stays in this section.
+# only write text the grammar accepts. The choice of engine (llguidance over xgrammar: no dependencies, 3 MB,
+# Windows wheels; measured in CLAUDE.md) stays in this section.
+
 
 GRAMMAR_ERROR_MAX_CHARS = 500  # the engine's reason, as much of it as a 400 repeats
 
@@ -2789,91 +2925,16 @@ def _make_constraint_processor(constraint: RowConstraint, prompt_tokens: int, vo
     return ConstrainLogits()
 
 
-# ==== 7. Engine ==============================================================================================
+def vocab_size(loaded: LoadedModel) -> int:
+    """The width of the model's logits, which can exceed the tokenizer's length (Qwen3 pads it to 151936)."""
+    config = loaded.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
 
 
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    choice: int = 0  # which of the request's n choices
-    logprobs: tuple[TokenScore, ...] = ()  # the tokens this text came from, when logprobs are asked for
-    tokens: tuple[int, ...] = ()  # the token ids this text came from (journaled: a restart continues after them)
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    completion_tokens: int
-    choice: int = 0
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    """The legacy echo with logprobs: the prompt's tokens, scored, before the choice's first delta."""
-
-    scores: tuple[TokenScore, ...]
-    choice: int = 0
-
-
-EngineEvent = Delta | Finished | PromptScores
-
-
-@dataclass(frozen=True)
-class ChoiceResume:
-    """Where one choice stands when a restart continues it: the tokens it has emitted (re-prefilled after the
-    prompt, counted against max_tokens and by the penalties), whether it has ended, and whether its prompt
-    scores (the legacy echo) were already sent."""
-
-    tokens: tuple[int, ...] = ()
-    finished: bool = False
-    scored: bool = False
-
-
-@dataclass
-class PreparedPrompt:
-    """A templated, tokenized prompt, ready for the engine (inputs are engine-specific)."""
-
-    inputs: Any
-    prompt_tokens: int
-    grammar: CompiledGrammar | None = None  # the compiled response_format or forced tool call, if any
-    output: OutputFormat = field(default_factory=OutputFormat)  # how to read what the model writes
-    text: str = ""  # a raw prompt as text (the legacy echo)
-
-
-@dataclass(frozen=True)
-class TemplateInputs:
-    """What the chat template takes beside the messages: the tools to show, and the request's own keywords."""
-
-    tools: list[dict[str, Any]] | None = None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs, e.g. {"enable_thinking": False}
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {**self.kwargs, **({"tools": self.tools} if self.tools else {})}
-
-
-class Engine(Protocol):
-    """What the server needs from a model. Every method blocks: call them from worker threads."""
-
-    model_name: str
-
-    def is_loaded(self) -> bool: ...
-
-    def load_error(self) -> str | None: ...
-
-    def load(self) -> None: ...
-
-    def context_length(self) -> int | None: ...
-
-    def prepare(
-        self, messages: list[dict[str, Any]], params: GenerationParams, template: TemplateInputs | None = None
-    ) -> PreparedPrompt: ...
-
-    def prepare_text(self, prompt: str | list[int], params: GenerationParams) -> PreparedPrompt: ...
-
-    def stream(
-        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
-        ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
-    ) -> Iterator[EngineEvent]: ...  # fmt: skip
+# ==== 10. Engine ====================================================================================================
+# Model loading, vision, token tables, the per-row record and the logit adjustments both decode
+# paths share, and the generate() path (infer_stream: media requests and BATCHING=off).
 
 
 @dataclass
@@ -3315,13 +3376,6 @@ def infer_choice(
         thread.join(timeout=30)
 
 
-def vocab_size(loaded: LoadedModel) -> int:
-    """The width of the model's logits, which can exceed the tokenizer's length (Qwen3 pads it to 151936)."""
-    config = loaded.model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.vocab_size)
-
-
 def eos_ids(loaded: LoadedModel) -> set[int]:
     configured = loaded.model.generation_config.eos_token_id
     ids = set(configured if isinstance(configured, list) else [configured])
@@ -3402,71 +3456,8 @@ class IncrementalDecoder:
 
 
 _BATCH_END = object()
-BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
-CPU_PREFILL_TOKENS = 256  # default prefill group size on CPU: measured, see BatchScheduler._next_group
-ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free up to thousands of tokens
-KV_ROOM_TOKENS = 256  # a batch's key/value buffers grow by this many positions at a time
 
 
-@functools.cache
-def growing_layer() -> type:
-    """A `DynamicLayer` whose keys and values are views into a buffer with room to spare, so a decode step writes
-    one position in place where `DynamicLayer` would `torch.cat` (copy) every layer's whole cache. Anything that
-    replaces `keys`/`values` (a merge, a dropped row) is adopted into a fresh buffer at the next update; so is a
-    prefill's output, kept as computed, so that the copy falls after the first token (a burst of 8: prefill
-    ~15 ms sooner, the first step ~6 ms longer). Built on first use: transformers is imported lazily."""
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):  # type: ignore[misc,no-untyped-call]
-        buffers: tuple[Any, Any] | None = None
-        views: tuple[Any, Any] = (None, None)  # what `update` last returned, to notice replaced keys/values
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length = self.get_seq_length()
-            if not length and self.buffers is None:  # a prefill: adopted at the next update, after its token
-                self.keys, self.values = key_states, value_states
-                return key_states, value_states
-            needed = length + key_states.shape[-2]
-            buffers = self.buffers
-            if buffers is None or self.keys is not self.views[0] or buffers[0].shape[-2] < needed:
-                buffers = self.buffers = self._adopt(length, needed, key_states)
-            for buffer, states in zip(buffers, (key_states, value_states), strict=True):
-                buffer[:, :, length:needed] = states
-            self.views = self.keys, self.values = buffers[0][:, :, :needed], buffers[1][:, :, :needed]
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices: Any) -> None:
-            """Keeps the rows in `indices`: one copy, into buffers that keep their room (DynamicLayer's copy
-            would be adopted, so copied again, at the next update)."""
-            if self.buffers is None or self.keys is not self.views[0]:
-                super().batch_select_indices(indices)
-                return
-            length = self.get_seq_length()
-            buffers = self.buffers = self.buffers[0][indices], self.buffers[1][indices]
-            self.views = self.keys, self.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
-
-        def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
-            """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
-            rows, heads, _, dim = like.shape
-            room = -(-needed // KV_ROOM_TOKENS) * KV_ROOM_TOKENS
-            buffers = like.new_empty((rows, heads, room, dim)), like.new_empty((rows, heads, room, dim))
-            if length:
-                buffers[0][:, :, :length] = self.keys
-                buffers[1][:, :, :length] = self.values
-            return buffers
-
-    return GrowingLayer
-
-
-def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bool:
-    """Whether a prompt of `length` tokens joins a prefill group of `size` prompts (the longest `longest`) within
-    `budget` padded tokens. The first prompt of a group always does, however long."""
-    return size == 0 or (size + 1) * max(longest, length) <= budget
-
-
-@functools.cache
 @functools.cache
 def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, character -> byte: the tokens of Qwen, SmolLM2 and Llama 3 are written
@@ -3582,27 +3573,6 @@ class BatchRequest:
         self.done = True
 
 
-Family = list[BatchRequest]  # one prompt's rows: its n choices
-
-
-@dataclass
-class ChunkedPrefill:
-    """A prompt longer than the prefill budget, prefilled a slice per step into a cache of its own."""
-
-    family: Family
-    cache: Any
-    done: int = 0  # prompt tokens in `cache` so far
-    scores: list[TokenScore] = field(default_factory=list)  # the prompt scored so far (echo with logprobs)
-
-
-def cache_keyword(model: Any) -> str:
-    """The name `forward` takes the KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the old
-    name still works, with a FutureWarning at the first step of every run, until 5.40); 5.23 knows only the old."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def prepare_row(request: BatchRequest, width: int) -> None:
     """The per-row state for logit adjustments, made once at admission (none for a row that asks for none)."""
     import torch
@@ -3645,6 +3615,139 @@ def adjust_logits(row: Any, request: BatchRequest, eos: Any) -> None:
         row.copy_(torch.where(request.seen, torch.where(row > 0, row / penalty, row * penalty), row))
     if request.generated < params.min_tokens and eos is not None:
         row[eos] = -float("inf")
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """Choice 0 takes the request's seed as it is (n=1 is unchanged); the others seeds of their own, so that the
+    n choices differ from one another and a second call with the same seed repeats all of them."""
+    return seed if choice == 0 else (seed + choice * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a row's draw at `position`: the draw depends on (seed, position) alone, never on how many
+    draws came before, so a restart that continues at token i draws what the first run would have drawn."""
+    return (seed * 0x5851F42D4C957F2D + position * 0x14057B7EF767814F + 1) % (1 << 63)
+
+
+def make_row(
+    loaded: LoadedModel, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
+    out: queue.Queue[object], choice: int, seed: int, end: threading.Event | None, state: ChoiceResume,
+) -> BatchRequest:  # fmt: skip
+    """One choice's row; a continued one starts where it stood: its tokens after the prompt, its decoder and
+    constraint fed with them, its prompt scores not sent twice."""
+    import torch
+
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=loaded.model.device)
+    constraint = prompt.grammar.start() if prompt.grammar is not None else None
+    decoder = IncrementalDecoder(loaded.tokenizer)
+    input_ids = prompt.inputs["input_ids"]
+    if state.tokens:
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([state.tokens])], dim=1)
+        for token in state.tokens:
+            decoder.push(token)  # deliberate: the text is out already; this restores the held bytes
+            if constraint is not None:
+                constraint.advance(token)
+    if state.scored:
+        params = replace(params, prompt_logprobs=False)
+    return BatchRequest(input_ids, params, cancel, decoder, generator, constraint, out, choice, end,
+                        generated=len(state.tokens), seed=seed, resumed=state.tokens)  # fmt: skip
+
+
+# ==== 11. Batching ==================================================================================================
+# The continuous batch: prefill planning and admission, the batch's KV cache, sampling, the loop.
+
+
+BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
+
+
+CPU_PREFILL_TOKENS = 256  # default prefill group size on CPU: measured, see BatchScheduler._next_group
+
+
+ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free up to thousands of tokens
+
+
+KV_ROOM_TOKENS = 256  # a batch's key/value buffers grow by this many positions at a time
+
+
+@functools.cache
+def growing_layer() -> type:
+    """A `DynamicLayer` whose keys and values are views into a buffer with room to spare, so a decode step writes
+    one position in place where `DynamicLayer` would `torch.cat` (copy) every layer's whole cache. Anything that
+    replaces `keys`/`values` (a merge, a dropped row) is adopted into a fresh buffer at the next update; so is a
+    prefill's output, kept as computed, so that the copy falls after the first token (a burst of 8: prefill
+    ~15 ms sooner, the first step ~6 ms longer). Built on first use: transformers is imported lazily."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[misc,no-untyped-call]
+        buffers: tuple[Any, Any] | None = None
+        views: tuple[Any, Any] = (None, None)  # what `update` last returned, to notice replaced keys/values
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            if not length and self.buffers is None:  # a prefill: adopted at the next update, after its token
+                self.keys, self.values = key_states, value_states
+                return key_states, value_states
+            needed = length + key_states.shape[-2]
+            buffers = self.buffers
+            if buffers is None or self.keys is not self.views[0] or buffers[0].shape[-2] < needed:
+                buffers = self.buffers = self._adopt(length, needed, key_states)
+            for buffer, states in zip(buffers, (key_states, value_states), strict=True):
+                buffer[:, :, length:needed] = states
+            self.views = self.keys, self.values = buffers[0][:, :, :needed], buffers[1][:, :, :needed]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            """Keeps the rows in `indices`: one copy, into buffers that keep their room (DynamicLayer's copy
+            would be adopted, so copied again, at the next update)."""
+            if self.buffers is None or self.keys is not self.views[0]:
+                super().batch_select_indices(indices)
+                return
+            length = self.get_seq_length()
+            buffers = self.buffers = self.buffers[0][indices], self.buffers[1][indices]
+            self.views = self.keys, self.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+
+        def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
+            """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
+            rows, heads, _, dim = like.shape
+            room = -(-needed // KV_ROOM_TOKENS) * KV_ROOM_TOKENS
+            buffers = like.new_empty((rows, heads, room, dim)), like.new_empty((rows, heads, room, dim))
+            if length:
+                buffers[0][:, :, :length] = self.keys
+                buffers[1][:, :, :length] = self.values
+            return buffers
+
+    return GrowingLayer
+
+
+def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bool:
+    """Whether a prompt of `length` tokens joins a prefill group of `size` prompts (the longest `longest`) within
+    `budget` padded tokens. The first prompt of a group always does, however long."""
+    return size == 0 or (size + 1) * max(longest, length) <= budget
+
+
+Family = list[BatchRequest]  # one prompt's rows: its n choices
+
+
+@dataclass
+class ChunkedPrefill:
+    """A prompt longer than the prefill budget, prefilled a slice per step into a cache of its own."""
+
+    family: Family
+    cache: Any
+    done: int = 0  # prompt tokens in `cache` so far
+    scores: list[TokenScore] = field(default_factory=list)  # the prompt scored so far (echo with logprobs)
+
+
+def cache_keyword(model: Any) -> str:
+    """The name `forward` takes the KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name still works, with a FutureWarning at the first step of every run, until 5.40); 5.23 knows only the old."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class BatchScheduler:
@@ -4033,18 +4136,6 @@ def batchable(loaded: LoadedModel) -> bool:
     return loaded.vision is None and not sliding and layer_types == {"full_attention"}
 
 
-def choice_seed(seed: int, choice: int) -> int:
-    """Choice 0 takes the request's seed as it is (n=1 is unchanged); the others seeds of their own, so that the
-    n choices differ from one another and a second call with the same seed repeats all of them."""
-    return seed if choice == 0 else (seed + choice * 0x9E3779B97F4A7C15) % (1 << 63)
-
-
-def position_seed(seed: int, position: int) -> int:
-    """The seed of a row's draw at `position`: the draw depends on (seed, position) alone, never on how many
-    draws came before, so a restart that continues at token i draws what the first run would have drawn."""
-    return (seed * 0x5851F42D4C957F2D + position * 0x14057B7EF767814F + 1) % (1 << 63)
-
-
 def stream_batched(
     scheduler: BatchScheduler, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
     ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
@@ -4084,30 +4175,8 @@ def stream_batched(
         cancel.set()  # a reader that leaves takes its rows out at the next step
 
 
-def make_row(
-    loaded: LoadedModel, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event,
-    out: queue.Queue[object], choice: int, seed: int, end: threading.Event | None, state: ChoiceResume,
-) -> BatchRequest:  # fmt: skip
-    """One choice's row; a continued one starts where it stood: its tokens after the prompt, its decoder and
-    constraint fed with them, its prompt scores not sent twice."""
-    import torch
-
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=loaded.model.device)
-    constraint = prompt.grammar.start() if prompt.grammar is not None else None
-    decoder = IncrementalDecoder(loaded.tokenizer)
-    input_ids = prompt.inputs["input_ids"]
-    if state.tokens:
-        input_ids = torch.cat([input_ids, input_ids.new_tensor([state.tokens])], dim=1)
-        for token in state.tokens:
-            decoder.push(token)  # deliberate: the text is out already; this restores the held bytes
-            if constraint is not None:
-                constraint.advance(token)
-    if state.scored:
-        params = replace(params, prompt_logprobs=False)
-    return BatchRequest(input_ids, params, cancel, decoder, generator, constraint, out, choice, end,
-                        generated=len(state.tokens), seed=seed, resumed=state.tokens)  # fmt: skip
+# ==== 12. Serving engine ============================================================================================
+# TransformersEngine: loads once, templates a prompt, streams it through the batch or generate().
 
 
 PROMPT_TAIL_TOKENS = 8  # enough of the rendered prompt's end to see a `<think>` the template opened
@@ -4276,7 +4345,9 @@ class TransformersEngine:
         return self._scheduler
 
 
-# ==== 8. Sessions ============================================================================================
+# ==== 13. Sessions ==================================================================================================
+# Ring buffer, session, store; continuation plans and journaled steps; following another
+# replica's session.
 
 
 class SessionState:
@@ -4345,41 +4416,6 @@ class RingBuffer:
             )
         start = index - self.first_index
         return [Event(self.first_index + i, d) for i, d in enumerate(self._items[start:], start)]
-
-
-JOURNAL_MIGRATIONS = [
-    # 1: sessions and their events; an event row is written once and never changed
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY, state TEXT NOT NULL, meta TEXT NOT NULL, request TEXT NOT NULL,
-        created_at REAL NOT NULL, ended_at REAL
-    );
-    CREATE TABLE events (
-        session_id TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, idx)
-    ) WITHOUT ROWID;
-    CREATE INDEX sessions_ended_at ON sessions (ended_at);
-    """,
-    # 2: the first event index that never reached the journal (it failed while the session ran); NULL = whole
-    "ALTER TABLE sessions ADD COLUMN lost_from INTEGER",
-    # 3: continuation after a restart: what the generation needs (its prompts' token ids and parameters; NULL: it
-    # cannot be continued), how many restarts have continued it, and the engine's output so far, step by step
-    """
-    ALTER TABLE sessions ADD COLUMN plan TEXT;
-    ALTER TABLE sessions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE steps (
-        session_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, seq)
-    ) WITHOUT ROWID;
-    """,
-]
-JOURNAL_BATCH_MAX_OPS = 1024
-
-
-def migrate_journal(conn: sqlite3.Connection) -> int:
-    """Brings the schema to the newest version (`PRAGMA user_version` counts the migrations applied)."""
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    for number, script in enumerate(JOURNAL_MIGRATIONS[version:], version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-    return len(JOURNAL_MIGRATIONS)
 
 
 @dataclass(frozen=True)
@@ -4494,6 +4530,301 @@ class Recovery:
 
     continued: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
+
+
+REDIS_RETRY_SECONDS = 1.0  # after a failure, how often the writer tries Redis again
+
+
+class Session:
+    """One generation's events and state. Written by its runner, read by any number of responses."""
+
+    def __init__(
+        self, session_id: str, meta: StreamMeta, capacity: int, journal: Journal | None = None, key: str = ""
+    ) -> None:
+        self.id = session_id  # what the client sees
+        self.key = key or session_id  # where it is stored: storage_key(owner, id)
+        self.time_limited = False
+        self.meta = meta
+        self.state = SessionState.QUEUED
+        self.buffer = RingBuffer(capacity)
+        self.journal = journal
+        self.cancel = threading.Event()  # read by the model thread's StoppingCriteria
+        self.cancel_requested = False
+        self.cancelled = asyncio.Event()  # wakes a runner still waiting for a generation slot
+        self.created_at = time.time()
+        self.ended_at: float | None = None
+        self.readers = 0
+        self.grace_timer: asyncio.TimerHandle | None = None  # set while nobody reads a running session
+        self.durable_index = -1  # with a journal: the last event index known to be committed
+        self.lost_from: int | None = None  # restored: events from here on were sent before a restart, never journaled
+        self.continuable = False  # its engine events are journaled as steps, so that a restart can continue it
+        self.steps = 0  # steps journaled so far
+        self.replayed = 0  # a continuation's runner remakes the events held already: this many appends are those
+        self.suspended = False  # the server stopped with it left to be continued: readers end, nothing is written
+        self.follower: asyncio.Task[None] | None = None  # another replica generates it: this tails its events
+        self.grace_check: asyncio.Task[None] | None = None  # with Redis: counting the readers on other replicas
+        self._changed = asyncio.Event()
+
+    @classmethod
+    def restore(cls, stored: StoredSession, capacity: int, journal: Journal) -> Session:
+        session = cls(stored.id.rpartition("/")[2], stored.meta, capacity, journal, key=stored.id)
+        for event in stored.events:
+            session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
+        session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
+        session.durable_index = session.buffer.next_index - 1
+        session.lost_from = stored.lost_from
+        session.continuable, session.steps = bool(stored.plan), len(stored.steps)
+        return session
+
+    @property
+    def ended(self) -> bool:
+        return self.state in SessionState.ENDED
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be written here by this process: ended, or left to a restart to continue."""
+        return self.ended or self.suspended
+
+    def append(self, data: str) -> int:
+        if self.replayed:  # a continuation remaking an event the session holds already (the same text)
+            self.replayed -= 1
+            return self.buffer.next_index - 1 - self.replayed
+        if self.suspended:
+            return self.buffer.next_index - 1
+        index = self.buffer.append(data)
+        if self.journal is not None:
+            self.journal.record_event(self.key, index, data, self._on_durable(index))
+        self._notify()
+        return index
+
+    def mirror(self, event: Event) -> None:
+        """An event another replica wrote (acknowledged by the store already), for this replica's readers."""
+        if event.index == self.buffer.next_index:  # deliberate: a repeated read of the tail is no new event
+            self.buffer.append(event.data)
+            self.durable_index = event.index
+            self._notify()
+
+    def record_step(self, item: EngineEvent) -> None:
+        """Journals one engine event (before the events made of it), for a restart to continue from."""
+        if self.continuable and self.journal is not None and not self.suspended:
+            self.journal.record_step(self.key, self.steps, encode_step(item))
+            self.steps += 1
+
+    def suspend(self) -> None:
+        """The server is stopping and a restart will continue this session: its readers end their streams (the
+        client resumes with Last-Event-ID), and nothing more is written, so the journal holds it as running."""
+        self.suspended = True
+        self.cancel.set()
+        self._notify()
+
+    def finish(self, state: str) -> None:
+        """Appends [DONE] and ends the session in `state`: one journal operation for both."""
+        if self.suspended:
+            return
+        index = self.buffer.append(DONE)
+        self._enter(state)
+        if self.journal is not None:
+            self.journal.record_end(self.key, index, DONE, state, self.ended_at, self._on_durable(index))
+        self._notify()
+
+    def _on_durable(self, index: int) -> Callable[[], object]:
+        """The journal's commit callback for event `index` (it runs on the writer thread)."""
+        loop = asyncio.get_running_loop()
+        return lambda: loop.call_soon_threadsafe(self._mark_durable, index)
+
+    def _mark_durable(self, index: int) -> None:
+        if index > self.durable_index:
+            self.durable_index = index
+            self._notify()
+
+    @property
+    def readable_end(self) -> int:
+        """Events below this index may be sent. With a journal, only committed ones (write-ahead): a client
+        never holds an event that a crash could take back, so after a restart the indices it has stay valid."""
+        if self.journal is None or self.journal.error is not None:
+            return self.buffer.next_index
+        return self.durable_index + 1
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()  # deliberate: a fresh event per change; waiters hold the old one
+
+    def set_state(self, state: str) -> None:
+        self._enter(state)
+        if self.journal is not None:
+            self.journal.record_state(self.key, state, self.ended_at)
+        self._notify()
+
+    def _enter(self, state: str) -> None:
+        self.state = state
+        if state in SessionState.ENDED:
+            self.ended_at = time.time()
+            self.cancel_grace_timer()
+
+    def cancel_grace_timer(self) -> None:
+        """Drops a pending disconnect timer; it would otherwise keep this session alive until it fires."""
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
+            self.grace_timer = None
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self.cancel.set()
+        self.cancelled.set()
+
+    async def wait_for_events(self, index: int, timeout_seconds: float) -> bool:
+        """Waits until an event at `index` exists or the session ends; False on timeout."""
+        changed = self._changed
+        end = self.readable_end
+        if end > index or (self.closed and end >= self.buffer.next_index) or self.suspended:
+            return True
+        try:
+            async with asyncio.timeout(timeout_seconds):  # deliberate: not wait_for, which makes a task per wait
+                await changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def describe(self) -> SessionInfo:
+        return SessionInfo.model_validate(
+            {"id": self.id, "state": self.state, "created": int(self.created_at), "events": self.buffer.next_index,
+             "readers": self.readers}
+        )  # fmt: skip
+
+
+async def follow_session(session: Session, journal: SharedJournal) -> None:
+    """Tails a session another replica generates (or a replica that claims it after that one died) into this
+    replica's copy, in short awaited reads, until its [DONE]; its final state is read then."""
+    while not session.ended:
+        try:
+            events = await journal.tail(session.key, session.buffer.next_index - 1)
+        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis away for a while: try again
+            log.warning("session %s: cannot read the session store: %s", session.id, exc)
+            await asyncio.sleep(REDIS_RETRY_SECONDS)
+            continue
+        for event in events:
+            session.mirror(event)
+        if session.buffer.next_index and session.buffer.read_from(session.buffer.next_index - 1)[0].data == DONE:
+            final: str | None = await asyncio.to_thread(journal.state_of, session.key)
+            session._enter(final or SessionState.FINISHED)
+            session._notify()
+
+
+class SessionStore:
+    """Sessions in memory, bounded in number (the oldest ended go first), backed by the journal when enabled."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self.journal: Journal | None = None
+
+    def create(
+        self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "", plan: str = ""
+    ) -> Session:
+        self.evict(room=1)
+        wire_id = session_id or secrets.token_hex(16)
+        key = storage_key(owner, wire_id)
+        session = Session(wire_id, meta, self.settings.session_buffer_events, key=key)
+        if self.journal is not None and self.journal.error is None:
+            session.journal = self.journal
+            session.continuable = bool(plan)
+            self.journal.record_session(key, meta, request_json, session.created_at, plan)
+        self.sessions[key] = session
+        return session
+
+    def peek(self, session_id: str, owner: str = "") -> Session | None:
+        return self.sessions.get(storage_key(owner, session_id))
+
+    async def find(self, session_id: str, owner: str = "") -> Session | None:
+        """From memory, else from the journal (a session from before a restart, or evicted from memory)."""
+        key = storage_key(owner, session_id)
+        session = self.sessions.get(key)
+        if session is not None or self.journal is None:
+            return session
+        try:  # deliberate: also after a failed write (a full disk): the file may well still be readable
+            stored = await asyncio.to_thread(self.journal.load_session, key)
+        except sqlite3.Error as exc:
+            log.warning("session %s: the journal could not be read: %s", session_id, exc)
+            return None
+        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis is away, and it may hold the session
+            raise StoreUnavailable(f"the session store could not be read: {exc}", headers={"Retry-After": "2"}) from exc
+        if stored is None:
+            return None
+        session = self.sessions.get(key)
+        if session is None:
+            session = Session.restore(stored, self.settings.session_buffer_events, self.journal)
+            if (shared := self.journal.shared) is not None and not session.ended:  # another replica generates it
+                session.follower = asyncio.get_running_loop().create_task(follow_session(session, shared))
+        self.sessions[key] = session
+        return session
+
+    def check_available(self) -> None:
+        """New generations need a store that answers (Redis may be away): else 503, retried later."""
+        if self.journal is not None and self.journal.shared is not None and self.journal.error is not None:
+            raise StoreUnavailable(f"{self.journal.error}; try again shortly", headers={"Retry-After": "2"})
+
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        session = await self.find(session_id, owner)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}", param="session_id")
+        return session
+
+    async def delete(self, session: Session) -> None:
+        """Forgets an ended session, in memory and in the journal."""
+        self.sessions.pop(session.key, None)
+        if self.journal is not None and self.journal.error is None:
+            self.journal.delete_session(session.key)
+
+    def evict(self, now: float | None = None, room: int = 0) -> None:
+        """Drops expired ended sessions, then the oldest ended ones until `room` more fit under the cap."""
+        now = time.time() if now is None else now
+        ttl = self.settings.sessions_ttl_seconds
+        ended = sorted((s for s in self.sessions.values() if s.ended), key=lambda s: s.ended_at or 0)
+        expired = [s for s in ended if now - (s.ended_at or now) > ttl]
+        overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + room)
+        for session in expired + [s for s in ended if s not in expired][:overflow]:
+            del self.sessions[session.key]
+
+
+# ==== 14. Journals ==================================================================================================
+# The Journal protocols, one queued writer, the SQLite and Redis journals.
+
+
+JOURNAL_MIGRATIONS = [
+    # 1: sessions and their events; an event row is written once and never changed
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, state TEXT NOT NULL, meta TEXT NOT NULL, request TEXT NOT NULL,
+        created_at REAL NOT NULL, ended_at REAL
+    );
+    CREATE TABLE events (
+        session_id TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_ended_at ON sessions (ended_at);
+    """,
+    # 2: the first event index that never reached the journal (it failed while the session ran); NULL = whole
+    "ALTER TABLE sessions ADD COLUMN lost_from INTEGER",
+    # 3: continuation after a restart: what the generation needs (its prompts' token ids and parameters; NULL: it
+    # cannot be continued), how many restarts have continued it, and the engine's output so far, step by step
+    """
+    ALTER TABLE sessions ADD COLUMN plan TEXT;
+    ALTER TABLE sessions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE steps (
+        session_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+JOURNAL_BATCH_MAX_OPS = 1024
+
+
+def migrate_journal(conn: sqlite3.Connection) -> int:
+    """Brings the schema to the newest version (`PRAGMA user_version` counts the migrations applied)."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    for number, script in enumerate(JOURNAL_MIGRATIONS[version:], version + 1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    return len(JOURNAL_MIGRATIONS)
 
 
 class QueuedOp(Protocol):
@@ -4845,12 +5176,15 @@ REDIS_FENCED_APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
 return redis.call('XADD', KEYS[2], ARGV[2], 'd', ARGV[3])
 """  # a replica that lost its lease on a session cannot append to it (another one has claimed it)
+
+
 REDIS_RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+
+
 REDIS_BLOCK_MS = 1000  # one XREAD slice; deliberate: below redis-py's 5 s socket timeout, which breaks long blocks
-REDIS_RETRY_SECONDS = 1.0  # after a failure, how often the writer tries Redis again
 
 
 def stream_id(index: int) -> str:
@@ -5176,258 +5510,8 @@ class SharedJournal(Journal, Protocol):
     def subscribe_cancels(self, on_cancel: Callable[[str], object], stop: threading.Event) -> None: ...
 
 
-class Session:
-    """One generation's events and state. Written by its runner, read by any number of responses."""
-
-    def __init__(
-        self, session_id: str, meta: StreamMeta, capacity: int, journal: Journal | None = None, key: str = ""
-    ) -> None:
-        self.id = session_id  # what the client sees
-        self.key = key or session_id  # where it is stored: storage_key(owner, id)
-        self.time_limited = False
-        self.meta = meta
-        self.state = SessionState.QUEUED
-        self.buffer = RingBuffer(capacity)
-        self.journal = journal
-        self.cancel = threading.Event()  # read by the model thread's StoppingCriteria
-        self.cancel_requested = False
-        self.cancelled = asyncio.Event()  # wakes a runner still waiting for a generation slot
-        self.created_at = time.time()
-        self.ended_at: float | None = None
-        self.readers = 0
-        self.grace_timer: asyncio.TimerHandle | None = None  # set while nobody reads a running session
-        self.durable_index = -1  # with a journal: the last event index known to be committed
-        self.lost_from: int | None = None  # restored: events from here on were sent before a restart, never journaled
-        self.continuable = False  # its engine events are journaled as steps, so that a restart can continue it
-        self.steps = 0  # steps journaled so far
-        self.replayed = 0  # a continuation's runner remakes the events held already: this many appends are those
-        self.suspended = False  # the server stopped with it left to be continued: readers end, nothing is written
-        self.follower: asyncio.Task[None] | None = None  # another replica generates it: this tails its events
-        self.grace_check: asyncio.Task[None] | None = None  # with Redis: counting the readers on other replicas
-        self._changed = asyncio.Event()
-
-    @classmethod
-    def restore(cls, stored: StoredSession, capacity: int, journal: Journal) -> Session:
-        session = cls(stored.id.rpartition("/")[2], stored.meta, capacity, journal, key=stored.id)
-        for event in stored.events:
-            session.buffer.append(event.data)  # deliberate: not append(), which would journal them again
-        session.state, session.created_at, session.ended_at = stored.state, stored.created_at, stored.ended_at
-        session.durable_index = session.buffer.next_index - 1
-        session.lost_from = stored.lost_from
-        session.continuable, session.steps = bool(stored.plan), len(stored.steps)
-        return session
-
-    @property
-    def ended(self) -> bool:
-        return self.state in SessionState.ENDED
-
-    @property
-    def closed(self) -> bool:
-        """Nothing more will be written here by this process: ended, or left to a restart to continue."""
-        return self.ended or self.suspended
-
-    def append(self, data: str) -> int:
-        if self.replayed:  # a continuation remaking an event the session holds already (the same text)
-            self.replayed -= 1
-            return self.buffer.next_index - 1 - self.replayed
-        if self.suspended:
-            return self.buffer.next_index - 1
-        index = self.buffer.append(data)
-        if self.journal is not None:
-            self.journal.record_event(self.key, index, data, self._on_durable(index))
-        self._notify()
-        return index
-
-    def mirror(self, event: Event) -> None:
-        """An event another replica wrote (acknowledged by the store already), for this replica's readers."""
-        if event.index == self.buffer.next_index:  # deliberate: a repeated read of the tail is no new event
-            self.buffer.append(event.data)
-            self.durable_index = event.index
-            self._notify()
-
-    def record_step(self, item: EngineEvent) -> None:
-        """Journals one engine event (before the events made of it), for a restart to continue from."""
-        if self.continuable and self.journal is not None and not self.suspended:
-            self.journal.record_step(self.key, self.steps, encode_step(item))
-            self.steps += 1
-
-    def suspend(self) -> None:
-        """The server is stopping and a restart will continue this session: its readers end their streams (the
-        client resumes with Last-Event-ID), and nothing more is written, so the journal holds it as running."""
-        self.suspended = True
-        self.cancel.set()
-        self._notify()
-
-    def finish(self, state: str) -> None:
-        """Appends [DONE] and ends the session in `state`: one journal operation for both."""
-        if self.suspended:
-            return
-        index = self.buffer.append(DONE)
-        self._enter(state)
-        if self.journal is not None:
-            self.journal.record_end(self.key, index, DONE, state, self.ended_at, self._on_durable(index))
-        self._notify()
-
-    def _on_durable(self, index: int) -> Callable[[], object]:
-        """The journal's commit callback for event `index` (it runs on the writer thread)."""
-        loop = asyncio.get_running_loop()
-        return lambda: loop.call_soon_threadsafe(self._mark_durable, index)
-
-    def _mark_durable(self, index: int) -> None:
-        if index > self.durable_index:
-            self.durable_index = index
-            self._notify()
-
-    @property
-    def readable_end(self) -> int:
-        """Events below this index may be sent. With a journal, only committed ones (write-ahead): a client
-        never holds an event that a crash could take back, so after a restart the indices it has stay valid."""
-        if self.journal is None or self.journal.error is not None:
-            return self.buffer.next_index
-        return self.durable_index + 1
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()  # deliberate: a fresh event per change; waiters hold the old one
-
-    def set_state(self, state: str) -> None:
-        self._enter(state)
-        if self.journal is not None:
-            self.journal.record_state(self.key, state, self.ended_at)
-        self._notify()
-
-    def _enter(self, state: str) -> None:
-        self.state = state
-        if state in SessionState.ENDED:
-            self.ended_at = time.time()
-            self.cancel_grace_timer()
-
-    def cancel_grace_timer(self) -> None:
-        """Drops a pending disconnect timer; it would otherwise keep this session alive until it fires."""
-        if self.grace_timer is not None:
-            self.grace_timer.cancel()
-            self.grace_timer = None
-
-    def request_cancel(self) -> None:
-        self.cancel_requested = True
-        self.cancel.set()
-        self.cancelled.set()
-
-    async def wait_for_events(self, index: int, timeout_seconds: float) -> bool:
-        """Waits until an event at `index` exists or the session ends; False on timeout."""
-        changed = self._changed
-        end = self.readable_end
-        if end > index or (self.closed and end >= self.buffer.next_index) or self.suspended:
-            return True
-        try:
-            async with asyncio.timeout(timeout_seconds):  # deliberate: not wait_for, which makes a task per wait
-                await changed.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    def describe(self) -> SessionInfo:
-        return SessionInfo.model_validate(
-            {"id": self.id, "state": self.state, "created": int(self.created_at), "events": self.buffer.next_index,
-             "readers": self.readers}
-        )  # fmt: skip
-
-
-async def follow_session(session: Session, journal: SharedJournal) -> None:
-    """Tails a session another replica generates (or a replica that claims it after that one died) into this
-    replica's copy, in short awaited reads, until its [DONE]; its final state is read then."""
-    while not session.ended:
-        try:
-            events = await journal.tail(session.key, session.buffer.next_index - 1)
-        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis away for a while: try again
-            log.warning("session %s: cannot read the session store: %s", session.id, exc)
-            await asyncio.sleep(REDIS_RETRY_SECONDS)
-            continue
-        for event in events:
-            session.mirror(event)
-        if session.buffer.next_index and session.buffer.read_from(session.buffer.next_index - 1)[0].data == DONE:
-            final: str | None = await asyncio.to_thread(journal.state_of, session.key)
-            session._enter(final or SessionState.FINISHED)
-            session._notify()
-
-
-class SessionStore:
-    """Sessions in memory, bounded in number (the oldest ended go first), backed by the journal when enabled."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sessions: dict[str, Session] = {}
-        self.journal: Journal | None = None
-
-    def create(
-        self, meta: StreamMeta, session_id: str | None, request_json: str, owner: str = "", plan: str = ""
-    ) -> Session:
-        self.evict(room=1)
-        wire_id = session_id or secrets.token_hex(16)
-        key = storage_key(owner, wire_id)
-        session = Session(wire_id, meta, self.settings.session_buffer_events, key=key)
-        if self.journal is not None and self.journal.error is None:
-            session.journal = self.journal
-            session.continuable = bool(plan)
-            self.journal.record_session(key, meta, request_json, session.created_at, plan)
-        self.sessions[key] = session
-        return session
-
-    def peek(self, session_id: str, owner: str = "") -> Session | None:
-        return self.sessions.get(storage_key(owner, session_id))
-
-    async def find(self, session_id: str, owner: str = "") -> Session | None:
-        """From memory, else from the journal (a session from before a restart, or evicted from memory)."""
-        key = storage_key(owner, session_id)
-        session = self.sessions.get(key)
-        if session is not None or self.journal is None:
-            return session
-        try:  # deliberate: also after a failed write (a full disk): the file may well still be readable
-            stored = await asyncio.to_thread(self.journal.load_session, key)
-        except sqlite3.Error as exc:
-            log.warning("session %s: the journal could not be read: %s", session_id, exc)
-            return None
-        except Exception as exc:  # deliberate: redis.RedisError, OSError: Redis is away, and it may hold the session
-            raise StoreUnavailable(f"the session store could not be read: {exc}", headers={"Retry-After": "2"}) from exc
-        if stored is None:
-            return None
-        session = self.sessions.get(key)
-        if session is None:
-            session = Session.restore(stored, self.settings.session_buffer_events, self.journal)
-            if (shared := self.journal.shared) is not None and not session.ended:  # another replica generates it
-                session.follower = asyncio.get_running_loop().create_task(follow_session(session, shared))
-        self.sessions[key] = session
-        return session
-
-    def check_available(self) -> None:
-        """New generations need a store that answers (Redis may be away): else 503, retried later."""
-        if self.journal is not None and self.journal.shared is not None and self.journal.error is not None:
-            raise StoreUnavailable(f"{self.journal.error}; try again shortly", headers={"Retry-After": "2"})
-
-    async def get(self, session_id: str, owner: str = "") -> Session:
-        session = await self.find(session_id, owner)
-        if session is None:
-            raise NotFound(f"no session {session_id!r}", param="session_id")
-        return session
-
-    async def delete(self, session: Session) -> None:
-        """Forgets an ended session, in memory and in the journal."""
-        self.sessions.pop(session.key, None)
-        if self.journal is not None and self.journal.error is None:
-            self.journal.delete_session(session.key)
-
-    def evict(self, now: float | None = None, room: int = 0) -> None:
-        """Drops expired ended sessions, then the oldest ended ones until `room` more fit under the cap."""
-        now = time.time() if now is None else now
-        ttl = self.settings.sessions_ttl_seconds
-        ended = sorted((s for s in self.sessions.values() if s.ended), key=lambda s: s.ended_at or 0)
-        expired = [s for s in ended if now - (s.ended_at or now) > ttl]
-        overflow = max(0, len(self.sessions) - len(expired) - self.settings.max_sessions + room)
-        for session in expired + [s for s in ended if s not in expired][:overflow]:
-            del self.sessions[session.key]
-
-
-# ==== 9. Runner ==============================================================================================
+# ==== 15. Runner ====================================================================================================
+# One generation into one session (admission gate, a renderer per choice), and its readers.
 
 
 class Metrics:
@@ -5508,6 +5592,8 @@ class GenerationGate:
 
 
 _END = object()
+
+
 ENGINE_JOIN_TIMEOUT_SECONDS = 30.0
 
 
@@ -5815,6 +5901,7 @@ async def read_stored_events(session: Session, start: int) -> list[Event]:
 # connection lost mid-burst is noticed (uvicorn's connection_lost) before asyncio starts logging "socket.send()
 # raised exception." (from the 5th write into a dead socket). Not after every event: on 2 cores each loop turn is
 # taken from the model's threads. A live tail reads one event at a time and never pays it.
+
 BURST_YIELD_EVENTS = 4
 
 
@@ -5846,6 +5933,8 @@ async def read_session(
 
 
 ShutdownHook = Callable[[], Awaitable[None]]
+
+
 READ_WAIT_SECONDS = 60.0  # a reader re-checks its session this often even if nothing woke it (belt and braces)
 
 
@@ -5892,9 +5981,14 @@ async def current_response(session: Session) -> dict[str, Any]:
     return fold_response(json.loads(session.meta.response_json), events)
 
 
-# ==== 10. HTTP ===============================================================================================
+# ==== 16. Lifecycle =================================================================================================
+# Request orchestration (start, launch, cancel); journal open and recovery, replicas, sweeps,
+# shutdown.
+
 
 SWEEP_INTERVAL_SECONDS = 60.0
+
+
 CANCEL_WAIT_SECONDS = 30.0
 
 
@@ -5931,15 +6025,6 @@ class AppState:
             return "off"
         error = self.journal_error or (journal.error if journal else None)
         return f"failed: {error}" if error else "ok"
-
-
-def request_owner(request: Request) -> str:
-    """The dependency every /v1 route takes: who is asking (see `key_owner`); 401 without a valid key."""
-    state: AppState = request.app.state.server
-    return key_owner(request.headers.get("authorization"), state.settings.api_keys())
-
-
-Owner = Annotated[str, Depends(request_owner)]
 
 
 async def start_chat(state: AppState, request: ChatCompletionRequest, owner: str) -> Session:
@@ -6058,98 +6143,6 @@ async def continued_conversation(previous: Session) -> list[dict[str, Any]]:
     response = fold_response(json.loads(previous.meta.response_json), events)
     asked: list[dict[str, Any]] = json.loads(previous.meta.conversation_json)
     return asked + to_chat_history(response["output"])
-
-
-def response_json(response: dict[str, Any], session: Session) -> Response:
-    return JSONResponse(response, headers={"X-Session-Id": session.id})
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused with 413 past `max_bytes` whether or not Content-Length says so."""
-    declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
-    return bytes(body)
-
-
-BodyModel = TypeVar("BodyModel", bound=BaseModel)
-
-
-async def parse_body(request: Request, model: type[BodyModel], max_bytes: int) -> BodyModel:
-    """The body as `model`; an empty one validates as `{}` (so its missing fields are named in the 400)."""
-    return model.model_validate_json(await read_body(request, max_bytes) or b"{}")
-
-
-class EventStream(EventSourceResponse):
-    """sse-starlette's response with one cost taken out: with no send timeout (ours), each send still entered an
-    anyio cancel scope (`move_on_after(None)`), about 15 us per event on the loop, which on 2 cores the model's
-    threads pay for. Deliberate override of a private method: if a release renames it, only this saving is lost."""
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self.send_timeout is not None:
-            await super()._send_with_timeout(send, message)
-            return
-        try:
-            await send(message)
-        except BaseException:
-            self._send_interrupted = True  # as the original: the transport is in an unknown state
-            raise
-
-
-CHAT_PAGE = Path(__file__).with_name("chat.html")
-# deliberate: the page's own inline code and nothing else may run, and it connects only to this server; images
-# the user attaches are data: URLs
-CHAT_PAGE_HEADERS = {
-    "Cache-Control": "no-cache",
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'",
-}
-SHUTDOWN_GRACE_SECONDS = 5.0  # after a shutdown signal, how long open streams get to send their last events
-
-
-def check_resume_end(session: Session, after_index: int) -> bool:
-    """True when there is nothing left to send: the client already has the ended session's [DONE]. An index past
-    that is a client error (a running session's future index just waits for it)."""
-    last = session.buffer.next_index - 1
-    if not session.ended or after_index < last or session.lost_from is not None:
-        return False
-    if after_index > last:
-        raise BadRequest(
-            f"Last-Event-ID {format_event_id(session.id, after_index)} is past the end of the session: its last "
-            f"event is {format_event_id(session.id, last)} ([DONE])",
-            param="Last-Event-ID", code="invalid_resume_point",
-        )  # fmt: skip
-    return True
-
-
-def sse_response(state: AppState, session: Session, after_index: int) -> Response:
-    """Every SSE response, through sse-starlette: its ping is the keep-alive comment, its disconnect handling
-    ends the body (the reader detaches; the grace window starts), and its shutdown signal ends the server's
-    unfinished sessions first, so each open stream still sends its interrupted tail and [DONE]."""
-    if check_resume_end(session, after_index):  # 204 stops a browser EventSource from reconnecting for ever
-        return Response(status_code=204, headers={"X-Session-Id": session.id})
-    if after_index + 1 < session.buffer.first_index and session.journal is None:
-        session.buffer.read_from(after_index + 1)  # raises EventsGone (410) while we can still send a status
-    cursor = ReadCursor()
-    session.buffer.hold(cursor, after_index + 1)  # now: the runner may append a burst before the body starts
-    shutdown = anyio.Event()
-
-    async def on_shutdown() -> None:
-        await shutdown.wait()
-        await state.drain()
-
-    return EventStream(
-        sse_body(session, after_index, state.watch, cursor, on_shutdown),
-        headers={"X-Session-Id": session.id, "Cache-Control": "no-cache"},
-        ping=state.settings.keepalive_seconds, ping_message_factory=make_keepalive, sep=SSE_LINE_END,
-        shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
-    )  # fmt: skip
 
 
 async def cancel_session(state: AppState, session_id: str, owner: str) -> CancelResult:
@@ -6370,6 +6363,120 @@ async def shut_down(state: AppState) -> None:
         if (shared := state.store.journal.shared) is not None:
             await shared.close_tail()
         await asyncio.to_thread(state.store.journal.close)
+
+
+async def preload(engine: Engine) -> None:
+    with contextlib.suppress(ModelNotReady):  # logged by the handle; retried on the first request
+        await asyncio.to_thread(engine.load)
+
+
+# ==== 17. HTTP ======================================================================================================
+# create_app (route groups), middleware, OpenAPI, SSE responses, routes.
+
+
+def request_owner(request: Request) -> str:
+    """The dependency every /v1 route takes: who is asking (see `key_owner`); 401 without a valid key."""
+    state: AppState = request.app.state.server
+    return key_owner(request.headers.get("authorization"), state.settings.api_keys())
+
+
+Owner = Annotated[str, Depends(request_owner)]
+
+
+def response_json(response: dict[str, Any], session: Session) -> Response:
+    return JSONResponse(response, headers={"X-Session-Id": session.id})
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 past `max_bytes` whether or not Content-Length says so."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[BodyModel], max_bytes: int) -> BodyModel:
+    """The body as `model`; an empty one validates as `{}` (so its missing fields are named in the 400)."""
+    return model.model_validate_json(await read_body(request, max_bytes) or b"{}")
+
+
+class EventStream(EventSourceResponse):
+    """sse-starlette's response with one cost taken out: with no send timeout (ours), each send still entered an
+    anyio cancel scope (`move_on_after(None)`), about 15 us per event on the loop, which on 2 cores the model's
+    threads pay for. Deliberate override of a private method: if a release renames it, only this saving is lost."""
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is not None:
+            await super()._send_with_timeout(send, message)
+            return
+        try:
+            await send(message)
+        except BaseException:
+            self._send_interrupted = True  # as the original: the transport is in an unknown state
+            raise
+
+
+CHAT_PAGE = Path(__file__).with_name("chat.html")
+# deliberate: the page's own inline code and nothing else may run, and it connects only to this server; images
+# the user attaches are data: URLs
+
+
+CHAT_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'",
+}
+
+
+SHUTDOWN_GRACE_SECONDS = 5.0  # after a shutdown signal, how long open streams get to send their last events
+
+
+def check_resume_end(session: Session, after_index: int) -> bool:
+    """True when there is nothing left to send: the client already has the ended session's [DONE]. An index past
+    that is a client error (a running session's future index just waits for it)."""
+    last = session.buffer.next_index - 1
+    if not session.ended or after_index < last or session.lost_from is not None:
+        return False
+    if after_index > last:
+        raise BadRequest(
+            f"Last-Event-ID {format_event_id(session.id, after_index)} is past the end of the session: its last "
+            f"event is {format_event_id(session.id, last)} ([DONE])",
+            param="Last-Event-ID", code="invalid_resume_point",
+        )  # fmt: skip
+    return True
+
+
+def sse_response(state: AppState, session: Session, after_index: int) -> Response:
+    """Every SSE response, through sse-starlette: its ping is the keep-alive comment, its disconnect handling
+    ends the body (the reader detaches; the grace window starts), and its shutdown signal ends the server's
+    unfinished sessions first, so each open stream still sends its interrupted tail and [DONE]."""
+    if check_resume_end(session, after_index):  # 204 stops a browser EventSource from reconnecting for ever
+        return Response(status_code=204, headers={"X-Session-Id": session.id})
+    if after_index + 1 < session.buffer.first_index and session.journal is None:
+        session.buffer.read_from(after_index + 1)  # raises EventsGone (410) while we can still send a status
+    cursor = ReadCursor()
+    session.buffer.hold(cursor, after_index + 1)  # now: the runner may append a burst before the body starts
+    shutdown = anyio.Event()
+
+    async def on_shutdown() -> None:
+        await shutdown.wait()
+        await state.drain()
+
+    return EventStream(
+        sse_body(session, after_index, state.watch, cursor, on_shutdown),
+        headers={"X-Session-Id": session.id, "Cache-Control": "no-cache"},
+        ping=state.settings.keepalive_seconds, ping_message_factory=make_keepalive, sep=SSE_LINE_END,
+        shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+    )  # fmt: skip
 
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -6734,12 +6841,8 @@ def add_health_routes(app: FastAPI, state: AppState) -> None:
         return Ready(status="ready", persistence=state.persistence())
 
 
-async def preload(engine: Engine) -> None:
-    with contextlib.suppress(ModelNotReady):  # logged by the handle; retried on the first request
-        await asyncio.to_thread(engine.load)
-
-
-# ==== 11. Entrypoint ==========================================================================================
+# ==== 18. Entrypoint ================================================================================================
+# main(): uvicorn.run(...), and the convert-gguf command.
 
 
 def settings_or_exit(environ: Mapping[str, str], dotenv_path: Path) -> Settings:
@@ -6786,6 +6889,7 @@ def main() -> None:
 
 
 app = create_app(settings_or_exit(os.environ, Path(".env")))  # builds objects only: no I/O, no model
+
 
 if __name__ == "__main__":
     main()
