@@ -3201,17 +3201,58 @@ def _make_cancel_criteria(cancel: threading.Event) -> Any:
     return CancelOnEvent()
 
 
-def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
-    if params.temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    kwargs: dict[str, Any] = {"do_sample": True, "temperature": params.temperature}
-    if params.top_p is not None:
-        kwargs["top_p"] = params.top_p
-    if params.top_k is not None:
-        kwargs["top_k"] = params.top_k
-    if params.min_p:
-        kwargs["min_p"] = params.min_p
-    return kwargs
+GREEDY_KWARGS: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+# deliberate: generate() always takes the argmax; a sampled row's draw is made by `Sampler` in the last processor
+
+
+def _make_draw_processor(row: BatchRequest, sampler: Sampler) -> Any:
+    import torch
+    from transformers import LogitsProcessor
+
+    class DrawLogits(LogitsProcessor):  # type: ignore[misc]
+        """Last of the processors: the row's token drawn by the batch's sampler, every other logit -inf, so
+        generate()'s greedy pick is that draw (the same draws as the batch, seeded per position)."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            token = sampler.draw(scores[0], row)
+            chosen = torch.full_like(scores, -float("inf"))
+            chosen[0, token] = 0
+            return chosen
+
+    return DrawLogits()
+
+
+class Sampler:
+    """The one sampler of both decode paths: temperature, then top-k, top-p and min-p (the model's generation
+    config fills what the request leaves out, as generate() would), drawn from the row's own generator seeded by
+    (seed, position): a seeded request is reproducible on either path, and a continued one draws what it would
+    have drawn."""
+
+    def __init__(self, generation_config: Any) -> None:
+        self.default_top_k = int(generation_config.top_k or 0)
+        self.default_top_p = generation_config.top_p
+
+    def draw(self, logits: Any, request: BatchRequest) -> Any:
+        """One row's next token from its adjusted, masked logits (1-D)."""
+        import torch
+
+        params = request.params
+        scores = logits.float() / params.temperature
+        top_k = self.default_top_k if params.top_k is None else params.top_k
+        if 0 < top_k < scores.shape[-1]:
+            scores[scores < scores.topk(top_k).values[-1]] = -float("inf")
+        top_p = params.top_p if params.top_p is not None else self.default_top_p
+        if top_p is not None and top_p < 1:
+            ordered, order = scores.sort(descending=True)
+            probabilities = ordered.softmax(-1)
+            outside = probabilities.cumsum(-1) - probabilities > top_p  # keep the smallest set reaching p
+            ordered[outside] = -float("inf")
+            scores = torch.full_like(scores, -float("inf")).scatter(0, order, ordered)
+        probabilities = scores.softmax(-1)
+        if params.min_p > 0:
+            probabilities[probabilities < params.min_p * probabilities.max()] = 0
+        request.generator.manual_seed(position_seed(request.seed, request.generated))
+        return torch.multinomial(probabilities, 1, generator=request.generator)[0]
 
 
 def _make_row_processor(row: BatchRequest, prompt_tokens: int, eos_index: Any) -> Any:
@@ -3317,6 +3358,8 @@ def infer_choice(
     processors = LogitsProcessorList([_make_row_processor(row, prompt.prompt_tokens, eos_index)])
     if row.constraint is not None:  # advanced past the resumed tokens already
         processors.append(_make_constraint_processor(row.constraint, int(row.input_ids.shape[1]), vocab_size(loaded)))
+    if params.temperature > 0:
+        processors.append(_make_draw_processor(row, Sampler(loaded.model.generation_config)))
     tokens: queue.Queue[object] = queue.Queue()
     k = params.logprobs or 0
 
@@ -3331,7 +3374,6 @@ def infer_choice(
 
     def generate() -> None:
         try:
-            torch.manual_seed(seed)  # caveat: process-global; exact only with one generation at a time
             with torch.inference_mode():
                 loaded.model.generate(
                     **inputs,
@@ -3341,7 +3383,7 @@ def infer_choice(
                     max_new_tokens=params.max_new_tokens - len(resumed),
                     min_new_tokens=params.max_new_tokens - len(resumed) if params.ignore_eos else None,
                     pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
-                    **sampling_kwargs(params),
+                    **GREEDY_KWARGS,
                 )
         except BaseException as exc:
             outcome["error"] = exc
@@ -3354,14 +3396,8 @@ def infer_choice(
         while (item := tokens.get()) is not _BATCH_END:
             token, score = cast(tuple[int, TokenScore | None], item)
             generated.append(token)
-            ends = token in eos and not params.ignore_eos
-            if score is not None and (params.score_end_token or not ends):
-                row.pending.append(score)
-            if ends:
-                continue  # end-of-text is not part of the answer (its entry, if any, goes with the tail)
-            row.tokens.append(token)
-            text = row.decoder.push(token)
-            if text or row.pending:
+            text = row.accept(token, token in eos and not params.ignore_eos, score)
+            if text is not None and (text or row.pending):
                 yield Delta(text, choice, tuple(row.pending), tuple(row.tokens))
                 row.pending, row.tokens = [], []
         thread.join()
@@ -3458,21 +3494,6 @@ class IncrementalDecoder:
 _BATCH_END = object()
 
 
-@functools.cache
-def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, character -> byte: the tokens of Qwen, SmolLM2 and Llama 3 are written
-    in it (a space is "Ġ"), so a token's raw bytes, half a character included, are read straight off its text."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    alphabet, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet[chr(byte)] = byte
-        else:
-            alphabet[chr(256 + extra)] = byte
-            extra += 1
-    return alphabet
-
-
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
@@ -3481,10 +3502,15 @@ class TokenTexts:
     decoded text skips, as end-of-text) are empty, so that the bytes of an answer's tokens join to its content."""
 
     def __init__(self, tokenizer: Any) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
         pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a a", add_special_tokens=False))
         self.byte_level = "Ġ" in "".join(p or "" for p in pieces)
+        # GPT-2's byte-level alphabet, character -> byte (transformers' own table): Qwen, SmolLM2 and Llama 3 tokens
+        # are written in it (a space is "Ġ"), so a token's raw bytes, half a character included, read off its text
+        self.alphabet = {char: byte for byte, char in bytes_to_unicode().items()}  # type: ignore[no-untyped-call]
         self.cache: dict[int, tuple[str, bytes]] = {}
 
     def lookup(self, token: int) -> tuple[str, bytes]:
@@ -3497,9 +3523,8 @@ class TokenTexts:
         piece = self.tokenizer.convert_ids_to_tokens(token) or ""
         if token in self.special:
             return piece, b""
-        alphabet = byte_level_alphabet()
-        if self.byte_level and all(c in alphabet for c in piece):
-            raw = bytes(alphabet[c] for c in piece)
+        if self.byte_level and all(c in self.alphabet for c in piece):
+            raw = bytes(self.alphabet[c] for c in piece)
         elif match := BYTE_TOKEN.fullmatch(piece):
             raw = bytes([int(match[1], 16)])
         else:
@@ -3560,6 +3585,17 @@ class BatchRequest:
     @property
     def stopped(self) -> bool:
         return self.cancel.is_set() or (self.end is not None and self.end.is_set())
+
+    def accept(self, token: int, ends: bool, score: TokenScore | None) -> str | None:
+        """The per-token step both decode loops take: the token's logprob entry (an end-of-text token's only
+        where the API lists it), then, unless it ends the answer, its text from the decoder (maybe "" while a
+        character is incomplete). None: it ended the answer."""
+        if score is not None and (self.params.score_end_token or not ends):
+            self.pending.append(score)
+        if ends:
+            return None  # end-of-text is not part of the answer (its entry, if any, goes with the tail)
+        self.tokens.append(token)
+        return self.decoder.push(token)
 
     def put(self, text: str) -> None:
         if text or self.pending:
@@ -3769,9 +3805,7 @@ class BatchScheduler:
         self.eos_index = torch.tensor(sorted(self.eos), device=loaded.model.device) if self.eos else None
         self.texts = TokenTexts(loaded.tokenizer)
         self.cache_kw = cache_keyword(loaded.model)
-        config = loaded.model.generation_config
-        self.default_top_k = int(config.top_k or 0)  # what generate() would apply when sampling
-        self.default_top_p = config.top_p
+        self.sampler = Sampler(loaded.model.generation_config)
         self.pending: queue.Queue[Family] = queue.Queue()
         self.held: Family | None = None  # taken from `pending` but left for the next prefill group
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
@@ -4046,30 +4080,8 @@ class BatchScheduler:
         tokens = logits.argmax(dim=-1)
         for row, request in enumerate(requests):
             if request.params.temperature > 0 and not request.done:
-                tokens[row] = self._draw(logits[row], request)
+                tokens[row] = self.sampler.draw(logits[row], request)
         return tokens
-
-    def _draw(self, logits: Any, request: BatchRequest) -> Any:
-        """One sampled token: temperature, then top-k, top-p and min-p, from the row's own generator."""
-        import torch
-
-        params = request.params
-        scores = logits.float() / params.temperature
-        top_k = self.default_top_k if params.top_k is None else params.top_k
-        if 0 < top_k < scores.shape[-1]:
-            scores[scores < scores.topk(top_k).values[-1]] = -float("inf")
-        top_p = params.top_p if params.top_p is not None else self.default_top_p
-        if top_p is not None and top_p < 1:
-            ordered, order = scores.sort(descending=True)
-            probabilities = ordered.softmax(-1)
-            outside = probabilities.cumsum(-1) - probabilities > top_p  # keep the smallest set reaching p
-            ordered[outside] = -float("inf")
-            scores = torch.full_like(scores, -float("inf")).scatter(0, order, ordered)
-        probabilities = scores.softmax(-1)
-        if params.min_p > 0:
-            probabilities[probabilities < params.min_p * probabilities.max()] = 0
-        request.generator.manual_seed(position_seed(request.seed, request.generated))
-        return torch.multinomial(probabilities, 1, generator=request.generator)[0]
 
     def _emit(self, request: BatchRequest, token: int) -> None:
         if request.done:
@@ -4077,20 +4089,19 @@ class BatchScheduler:
         request.generated += 1
         count_token(request, token)
         ends = token in self.eos and not request.params.ignore_eos
-        if request.scores is not None and (request.params.score_end_token or not ends):
-            request.pending.append(self.texts.score(request.scores, token, request.params.logprobs or 0))
-        request.scores = None
-        if ends:
-            request.finish("stop")  # end-of-text is not part of the answer (its entry, if any, goes with the tail)
-            return
-        if request.constraint is not None:
+        if request.constraint is not None and not ends:
             try:
                 request.constraint.advance(token)
             except ConstraintError as exc:
                 self._fail([request], exc, "constrained decoding")
                 return
-        request.tokens.append(token)
-        request.put(request.decoder.push(token))
+        scores, request.scores = request.scores, None
+        score = self.texts.score(scores, token, request.params.logprobs or 0) if scores is not None else None
+        text = request.accept(token, ends, score)
+        if text is None:
+            request.finish("stop")
+            return
+        request.put(text)
         if request.constraint is not None and request.constraint.complete:
             request.finish("stop")  # the output is whole: end now rather than spend a step on end-of-text
         elif request.generated >= request.params.max_new_tokens:

