@@ -64,6 +64,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import socket
 import sqlite3
 import sys
@@ -74,7 +75,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -137,6 +138,24 @@ def looks_like_path(repo_id: str) -> bool:
     if text.startswith((".", "~", "/", "\\")) or re.match(r"^[A-Za-z]:", text):
         return True
     return not HUB_ID_PATTERN.match(text)
+
+
+APP_DIR = Path(__file__).parent  # deliberate: .env and a relative SESSIONS_DB_PATH live here, not in the working
+# directory (started from Task Scheduler or as a Windows service, that is C:\\Windows\\System32)
+PathT = TypeVar("PathT", bound=PurePath)
+
+
+def beside(app_dir: PathT, raw: str) -> PathT:
+    """A path setting as the server uses it: absolute (or `~`) as given, relative beside main.py. Pure: the
+    flavour of `app_dir` decides what is absolute (a PureWindowsPath tests the Windows rules anywhere)."""
+    candidate = type(app_dir)(raw)
+    return candidate if candidate.is_absolute() or raw.startswith("~") else app_dir / candidate
+
+
+def shutdown_seconds(platform: str) -> tuple[float, float]:
+    """(the whole graceful shutdown, the part of it open streams get for their last events). Closing a Windows
+    console window gives the process about 5 s before it is ended, so 4 s there; 10 s elsewhere (a SIGTERM)."""
+    return (4.0, 2.0) if platform == "win32" else (10.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -812,6 +831,8 @@ class Health(BaseModel):
     sessions: int
     persistence: str
     sessions_continued: int = 0  # unfinished sessions this process continued at start-up (PERSIST_SESSIONS=1)
+    device: str | None = None  # where the model runs, once loaded: "cuda:0 (NVIDIA ...)" or "cpu"
+    dtype: str | None = None  # its weights' dtype, once loaded
 
 
 class Ready(BaseModel):
@@ -1109,12 +1130,28 @@ class TemplateInputs:
         return {**self.kwargs, **({"tools": self.tools} if self.tools else {})}
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model runs, as the load log line and /health say it."""
+
+    device: str  # "cuda:0 (NVIDIA GeForce RTX 4090)", "cpu"
+    dtype: str  # "bfloat16"
+    weights_bytes: int
+    why_cpu: str = ""  # on the CPU: why (a CPU build of torch, no GPU visible, DEVICE_MAP=cpu)
+
+    def describe(self) -> str:
+        where = f"{self.device} ({self.why_cpu})" if self.why_cpu else self.device
+        return f"device {where}, dtype {self.dtype}, weights {self.weights_bytes / 2**30:.2f} GiB"
+
+
 class Engine(Protocol):
     """What the server needs from a model. Every method blocks: call them from worker threads."""
 
     model_name: str
 
     def is_loaded(self) -> bool: ...
+
+    def placement(self) -> Placement | None: ...  # None until loaded
 
     def load_error(self) -> str | None: ...
 
@@ -3121,6 +3158,53 @@ LOAD_FAILURE_ADVICE = (
 )
 
 
+CUDA_README_SECTION = "README: Windows and CUDA"
+
+
+def why_on_cpu(torch_version: str, torch_cuda: str | None, cuda_available: bool, device_map: str) -> str:
+    """Why a model landed on the CPU, in the words a user can act on (pure: the facts are parameters)."""
+    if torch_cuda is None:
+        return f"torch {torch_version} has no CUDA support; install the CUDA build, see {CUDA_README_SECTION}"
+    if not cuda_available:
+        return f"torch {torch_version} sees no CUDA device (driver, or CUDA_VISIBLE_DEVICES?)"
+    return f"DEVICE_MAP={device_map}"
+
+
+def describe_placement(loaded: LoadedModel, device_map: str) -> Placement:
+    import torch
+
+    model = loaded.model
+    device = model.device
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    why = "" if device.type != "cpu" else why_on_cpu(torch.__version__, torch.version.cuda,
+                                                     torch.cuda.is_available(), device_map)  # fmt: skip
+    return Placement(where, str(model.dtype).removeprefix("torch."), weights, why)
+
+
+def nvidia_gpu_visible(platform: str, exists: Callable[[str], bool], which: Callable[[str], str | None],
+                       system_root: str) -> bool:  # fmt: skip
+    """Whether the OS has an NVIDIA driver, whatever torch can use (pure: the probes are parameters)."""
+    if which("nvidia-smi"):
+        return True
+    if platform == "win32":
+        return exists(str(PureWindowsPath(system_root, "System32", "nvcuda.dll")))
+    return exists("/proc/driver/nvidia/version")
+
+
+def check_torch_build() -> None:
+    """Once at start: an NVIDIA GPU that torch cannot use (the CPU wheel, what a plain `pip install torch` gives
+    on Windows) would leave the model on the CPU at a token or two per second, with nothing said."""
+    import torch
+
+    visible = nvidia_gpu_visible(
+        sys.platform, os.path.exists, shutil.which, os.environ.get("SYSTEMROOT", "C:\\Windows")
+    )
+    if visible and torch.version.cuda is None:
+        log.warning("an NVIDIA GPU is visible, but torch %s is a CPU build: the model will run on the CPU. Install "
+                    "the CUDA build of torch (%s)", torch.__version__, CUDA_README_SECTION)  # fmt: skip
+
+
 class ModelHandle:
     """The lazy model singleton: loaded once, under a lock, on first use. A failed load is tried again at most
     every MODEL_LOAD_RETRY_SECONDS; until then requests get its error at once (503 + Retry-After), instead of
@@ -3131,6 +3215,7 @@ class ModelHandle:
         self.clock = clock
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
+        self.placement: Placement | None = None
         self._attempts = 0
         self._failed_at: float | None = None
         self.error: str | None = None
@@ -3183,7 +3268,9 @@ class ModelHandle:
                 log.error("%s (attempt %d; next in %g s)", self.error, self._attempts, retry)
             raise self.not_ready() from exc
         self.error = self._failed_at = None
-        log.info("model %s loaded in %.1f s", self.settings.model_repo_id, time.perf_counter() - started)
+        self.placement = describe_placement(self._loaded, self.settings.device_map)
+        log.info("model %s loaded in %.1f s: %s", self.settings.model_repo_id, time.perf_counter() - started,
+                 self.placement.describe())  # fmt: skip
         return self._loaded
 
 
@@ -4247,6 +4334,9 @@ class TransformersEngine:
 
     def is_loaded(self) -> bool:
         return self.handle.is_loaded
+
+    def placement(self) -> Placement | None:
+        return self.handle.placement
 
     def load_error(self) -> str | None:
         return self.handle.error
@@ -5613,6 +5703,33 @@ class _Failure:
     exc: BaseException
 
 
+T = TypeVar("T")
+
+
+async def in_daemon_thread(call: Callable[[], T]) -> T:
+    """`call()` on a daemon thread (the request's context, so its log lines keep their request id), awaited."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # the awaiting task may have been cancelled meanwhile
+            outcome()
+
+    def run() -> None:
+        try:
+            result = context.run(call)
+        except BaseException as exc:
+            action = functools.partial(done.set_exception, exc)
+        else:
+            action = functools.partial(done.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, action)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
+
+
 async def drain_in_thread(
     engine: Engine, prompts: Sequence[PreparedPrompt], params: GenerationParams, cancel: threading.Event,
     ends: Sequence[threading.Event] = (), resume: Sequence[ChoiceResume] = (),
@@ -6082,7 +6199,7 @@ async def start_completion(state: AppState, request: CompletionRequest, owner: s
 
     async def prepare() -> tuple[GenerationParams, list[PreparedPrompt]]:
         params = to_completion_params(request, state.settings)
-        await asyncio.to_thread(state.engine.load)
+        await load_engine(state.engine)
         prompts = [await asyncio.to_thread(state.engine.prepare_text, raw, params) for raw in raw_prompts]
         context, limit = state.engine.context_length(), state.settings.max_prompt_tokens
         fitted = [fit_to_context(params, prompt.prompt_tokens, context, limit) for prompt in prompts]
@@ -6098,7 +6215,7 @@ async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple
     params = to_generation_params(request, state.settings)
     messages = to_template_messages(request.messages)
     template = TemplateInputs(to_template_tools(request), to_template_kwargs(request))
-    await asyncio.to_thread(state.engine.load)  # a cold load never blocks the event loop
+    await load_engine(state.engine)  # a cold load never blocks the event loop
     prompt = await asyncio.to_thread(state.engine.prepare, messages, params, template)
     params = fit_to_context(
         params, prompt.prompt_tokens, state.engine.context_length(), state.settings.max_prompt_tokens
@@ -6187,15 +6304,16 @@ async def open_journal(state: AppState) -> None:
     (RESTART_SESSIONS=continue, within the attempt and age limits) or interrupted. With Redis, what another replica
     leaves behind is claimed the same way later (`watch_replicas`)."""
     settings = state.settings
+    db_path = beside(APP_DIR, settings.sessions_db_path).expanduser()
     where = f"session store {redact_url(settings.session_store)}" if settings.session_store else (
-        f"session journal {settings.sessions_db_path}")  # fmt: skip
+        f"session journal {db_path.absolute()}")  # fmt: skip
     try:
         journal: Journal
         if settings.session_store:
             ttl, lease = settings.sessions_ttl_seconds, settings.session_lease_seconds
             journal = await asyncio.to_thread(RedisJournal, settings.session_store, state.replica, ttl, lease)
         else:
-            journal = await asyncio.to_thread(SqliteJournal, Path(settings.sessions_db_path))
+            journal = await asyncio.to_thread(SqliteJournal, db_path)
         recovery = await claim_unfinished(state, journal)
     except Exception as exc:  # deliberate: sqlite3.Error, OSError, redis.RedisError: serving goes on without it
         state.journal_error = f"{where} could not be opened: {exc}"
@@ -6299,13 +6417,19 @@ def continue_session(state: AppState, stored: StoredSession) -> None:
     state.spawn(run_continuation(state, session, ContinuationPlan.from_json(stored.plan), stored.steps))
 
 
+async def load_engine(engine: Engine) -> None:
+    """The model load, on a daemon thread of its own: the default executor's threads are joined at exit, so a
+    Ctrl+C during the first download would wait for the download to finish."""
+    await in_daemon_thread(engine.load)
+
+
 async def run_continuation(
     state: AppState, session: Session, plan: ContinuationPlan, steps: Sequence[EngineEvent]
 ) -> None:
     """A continued session's runner: the model loaded and each prompt rebuilt from its token ids (no template
     again: the ids are the prompt), then `run_generation` with the journaled steps."""
     try:
-        await asyncio.to_thread(state.engine.load)
+        await load_engine(state.engine)
         prompts = []
         for ids, text in zip(plan.prompts, plan.texts, strict=True):
             prompt = await asyncio.to_thread(state.engine.prepare_text, list(ids), plan.params)
@@ -6378,7 +6502,7 @@ async def shut_down(state: AppState) -> None:
 
 async def preload(engine: Engine) -> None:
     with contextlib.suppress(ModelNotReady):  # logged by the handle; retried on the first request
-        await asyncio.to_thread(engine.load)
+        await load_engine(engine)
 
 
 # ==== 17. HTTP ======================================================================================================
@@ -6448,7 +6572,7 @@ CHAT_PAGE_HEADERS = {
 }
 
 
-SHUTDOWN_GRACE_SECONDS = 5.0  # after a shutdown signal, how long open streams get to send their last events
+SHUTDOWN_SECONDS, SHUTDOWN_GRACE_SECONDS = shutdown_seconds(sys.platform)  # the whole, and what streams get of it
 
 
 def check_resume_end(session: Session, after_index: int) -> bool:
@@ -6666,11 +6790,36 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     return app
 
 
+def is_dropped_connection(context: Mapping[str, Any], platform: str) -> bool:
+    """The Proactor loop's report of a client that closed its connection ([WinError 10054] from
+    `_ProactorBasePipeTransport._call_connection_lost`): on Windows an everyday event (what resume is for), which
+    the loop logs as an ERROR with a traceback. Nothing else matches."""
+    return (
+        platform == "win32"
+        and isinstance(context.get("exception"), ConnectionResetError)
+        and "_call_connection_lost" in str(context.get("message", ""))
+    )
+
+
+def install_loop_exception_handler(loop: asyncio.AbstractEventLoop, platform: str) -> None:
+    """A dropped connection goes to the debug log (the drop itself is handled and counted as anywhere)."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if is_dropped_connection(context, platform):
+            log.debug("a client dropped its connection: %s", context.get("exception"))
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(state: AppState, app: FastAPI) -> AsyncIterator[None]:
     settings = state.settings
     configure_logging(settings)
     log.info("serving %s", settings.model_repo_id)  # uvicorn logs the address it really bound
+    install_loop_exception_handler(asyncio.get_running_loop(), sys.platform)
+    state.spawn(asyncio.to_thread(check_torch_build))
     if settings.persists():
         await open_journal(state)
     if settings.preload_model:
@@ -6819,6 +6968,10 @@ def add_model_routes(app: FastAPI, model_card: ModelCard) -> None:
         return model_card
 
 
+def placement_fields(placement: Placement | None) -> dict[str, str]:
+    return {"device": placement.device, "dtype": placement.dtype} if placement is not None else {}
+
+
 def add_health_routes(app: FastAPI, state: AppState) -> None:
     engine, metrics = state.engine, state.metrics
 
@@ -6828,6 +6981,7 @@ def add_health_routes(app: FastAPI, state: AppState) -> None:
             status="ok", model=engine.model_name, model_loaded=engine.is_loaded(), model_error=engine.load_error(),
             generations_running=state.gate.running, generations_queued=state.gate.admitted - state.gate.running,
             sessions=len(state.store.sessions), persistence=state.persistence(), sessions_continued=state.continued,
+            **placement_fields(engine.placement()),
         )  # fmt: skip
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -6892,14 +7046,13 @@ def main() -> None:
 
     if len(sys.argv) > 1:
         raise SystemExit(run_command(sys.argv[1:]))
-    settings = settings_or_exit(os.environ, Path(".env"))
+    settings = settings_or_exit(os.environ, APP_DIR / ".env")
     configure_logging(settings)  # before uvicorn starts, so its own records pass through the redaction too
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=int(SHUTDOWN_SECONDS))  # fmt: skip
 
 
-app = create_app(settings_or_exit(os.environ, Path(".env")))  # builds objects only: no I/O, no model
+app = create_app(settings_or_exit(os.environ, APP_DIR / ".env"))  # builds objects only: no I/O, no model
 
 
 if __name__ == "__main__":

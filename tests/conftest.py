@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -127,6 +130,9 @@ class ScriptedEngine:
 
     def is_loaded(self) -> bool:
         return self.loaded
+
+    def placement(self) -> main.Placement | None:
+        return main.Placement("cpu", "scripted", 0) if self.loaded else None
 
     def load_error(self) -> str | None:
         return self.fail_load_with
@@ -424,6 +430,21 @@ def smollm2_server(smollm2_dir: Path) -> Iterator[LiveServer]:
     settings = make_settings(model_repo_id=str(smollm2_dir), temperature=0, max_tokens=32, device_map="cpu")
     with LiveServer(main.create_app(settings)) as server:
         yield server
+
+
+def new_process_group() -> dict[str, Any]:
+    """Popen flags for a server the tests will stop gracefully: on Windows a process group of its own, so that
+    CTRL_BREAK_EVENT reaches it alone."""
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32" else {}
+
+
+def stop_gracefully(proc: subprocess.Popen[Any]) -> None:
+    """What an operator's graceful stop sends: Ctrl+Break on Windows (uvicorn handles SIGBREAK; there is no
+    SIGTERM there: `terminate()` ends the process outright, a crash), SIGTERM elsewhere."""
+    if sys.platform == "win32":
+        proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+    else:
+        proc.send_signal(signal.SIGTERM)
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ from test_resume import (
 )  # fmt: skip
 
 import main
-from conftest import ScriptedEngine
+from conftest import ScriptedEngine, stop_gracefully
 
 SCORE = main.TokenScore("\\xe6\\x97", -0.25, b"\xe6\x97", (("\\xe6\\x97", -0.25, b"\xe6\x97"), ("a", -2.0, b"a")))
 
@@ -221,7 +221,7 @@ def crash_mid_stream(server: ServerProcess, sid: str, events: int, how: str = "k
             return head
         stream = iter_sse(response)
         head = [next(stream) for _ in range(events)]
-        server.proc.terminate()
+        stop_gracefully(server.proc)
         rest = list(stream)  # the stream ends (no [DONE]): the session is left to be continued
     server.proc.wait(30)
     server.log.close()

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import main
-from conftest import LiveServer, free_port, make_settings
+from conftest import LiveServer, free_port, make_settings, new_process_group, stop_gracefully
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -76,7 +76,7 @@ def test_the_default_hub_model_offline_fails_at_once_with_the_advice(tmp_path: P
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env={**os.environ, **env}, cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stdout=log, stderr=subprocess.STDOUT, text=True, **new_process_group())  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
@@ -85,7 +85,7 @@ def test_the_default_hub_model_offline_fails_at_once_with_the_advice(tmp_path: P
             answers = [httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION}, timeout=30) for _ in "ab"]
             health = httpx.get(url + "/health", timeout=5).json()
         finally:
-            proc.terminate()
+            stop_gracefully(proc)
             proc.wait(30)
     text = log_path.read_text()
     assert [a.status_code for a in answers] == [503, 503] and all("retry-after" in a.headers for a in answers)
@@ -102,7 +102,7 @@ def test_the_readme_quick_start_commands_work(tiny_model_dir: Path, tmp_path: Pa
     env = {"MODEL_REPO_ID": str(tiny_model_dir), "PRELOAD_MODEL": "1", "DEVICE_MAP": "cpu", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
     proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+                            stderr=subprocess.DEVNULL, **new_process_group())  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -116,7 +116,7 @@ def test_the_readme_quick_start_commands_work(tiny_model_dir: Path, tmp_path: Pa
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         answer = client.chat.completions.create(model="local", messages=QUESTION, max_tokens=3)  # type: ignore[arg-type]
     finally:
-        proc.terminate()
+        stop_gracefully(proc)
         proc.wait(30)
     assert answer.model == tiny_model_dir.name and answer.choices[0].finish_reason == "length"
 

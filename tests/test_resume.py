@@ -21,7 +21,15 @@ import httpx
 import pytest
 
 import main
-from conftest import TEST_KEEPALIVE_SECONDS, LiveServer, ScriptedEngine, free_port, make_settings
+from conftest import (
+    TEST_KEEPALIVE_SECONDS,
+    LiveServer,
+    ScriptedEngine,
+    free_port,
+    make_settings,
+    new_process_group,
+    stop_gracefully,
+)
 
 ROOT = Path(__file__).parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -396,8 +404,8 @@ class ServerProcess:
         full_env = {**os.environ, "KEEPALIVE_SECONDS": str(TEST_KEEPALIVE_SECONDS), **env, "PORT": str(self.port),
                     "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
         self.log = (cwd / f"server-{self.port}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd,
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd, stdout=self.log,
+                                     stderr=subprocess.STDOUT, **new_process_group())  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while True:
@@ -416,7 +424,7 @@ class ServerProcess:
         self.log.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
+        stop_gracefully(self.proc)  # Ctrl+Break on Windows, SIGTERM elsewhere
         self.proc.wait(30)
         self.log.close()
 
@@ -623,7 +631,7 @@ def test_sigterm_sends_open_streams_their_interrupted_tail(tiny_model_dir: Path,
         stream = iter_sse(response)
         head = [next(stream) for _ in range(5)]
         started = time.monotonic()
-        server.proc.terminate()
+        stop_gracefully(server.proc)
         rest = list(stream)
     took = time.monotonic() - started
     server.proc.wait(30)
