@@ -74,7 +74,7 @@ import urllib.parse
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
@@ -88,7 +88,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -158,129 +158,120 @@ def shutdown_seconds(platform: str) -> tuple[float, float]:
     return (4.0, 2.0) if platform == "win32" else (10.0, 5.0)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting, read from the variable of the same name in upper case (`port` <- `PORT`)."""
+def at_least(default: Any, minimum: int) -> Any:
+    """A setting's Field with its floor; a failure says "at least 1" (or "0 or more") as the variable's message."""
+    return Field(default=default, ge=minimum, description=f"at least {minimum}" if minimum else "0 or more")
 
-    port: int = 3000
+
+def more_than_zero(default: float) -> Any:
+    return Field(default=default, gt=0, description="more than 0")
+
+
+def one_of(default: str, *allowed: str) -> Any:
+    return Field(
+        default=default, description=" or ".join(allowed) if len(allowed) == 2 else "one of " + ", ".join(allowed)
+    )
+
+
+class Settings(BaseModel):
+    """Every setting, read from the variable of the same name in upper case (`port` <- `PORT`). pydantic checks
+    them; a failure names the variable and what it must be (each Field's description)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int = Field(default=3000, ge=0, le=65535, description="a port number (0-65535)")
     host: str = "127.0.0.1"  # deliberate: loopback by default; set 0.0.0.0 to serve the network
-    model_repo_id: str = DEFAULT_MODEL_REPO_ID  # hub id, local folder, or path to a .gguf file
+    model_repo_id: str = Field(default=DEFAULT_MODEL_REPO_ID, pattern=r"\S", description="a model id or path")
+    # ^ hub id, local folder, or path to a .gguf file
     served_model_name: str = ""  # the model id clients see; empty = the hub id, or the file or folder name
     hf_token: str = ""
     trust_remote_code: bool = False  # deliberate: off; on runs the model repo's own Python (only some models need it)
     preload_model: bool = False  # load at start-up instead of on the first request
-    model_load_retry_seconds: float = 30.0  # after a failed load, requests get 503 + Retry-After until then
+    model_load_retry_seconds: float = at_least(30.0, 0)  # after a failed load, 503 + Retry-After until then
     device_map: str = "auto"  # passed to from_pretrained; "none" leaves placement to torch
-    torch_dtype: str = "auto"
-    max_tokens: int = 256  # default completion length when a request names none
-    temperature: float = 0.7  # default when a request names none; 0 means greedy
-    max_video_frames: int = 16  # frames sampled evenly from each video
-    max_images_per_request: int = 8
-    max_image_bytes: int = 20_000_000
-    max_image_pixels: int = 25_000_000  # width x height; larger images (and decompression bombs) are refused
-    max_video_bytes: int = 100_000_000
-    media_fetch_timeout_seconds: float = 10.0
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = one_of("auto", *TORCH_DTYPES)
+    max_tokens: int = at_least(256, 1)  # default completion length when a request names none
+    temperature: float = Field(default=0.7, ge=0, le=2, description="between 0 and 2")  # the default; 0 means greedy
+    max_video_frames: int = at_least(16, 1)  # frames sampled evenly from each video
+    max_images_per_request: int = at_least(8, 0)
+    max_image_bytes: int = at_least(20_000_000, 1)
+    max_image_pixels: int = at_least(25_000_000, 1)  # width x height; larger images (decompression bombs) refused
+    max_video_bytes: int = at_least(100_000_000, 1)
+    media_fetch_timeout_seconds: float = more_than_zero(10.0)
     media_allow_private_hosts: bool = False  # deliberate: http(s) media may not reach loopback/private networks
     media_root: str = ""  # local paths and file:// URLs are allowed only under this folder; empty = refused
-    max_concurrent_generations: int = 8  # generations admitted at once (text ones share one batch)
-    max_batch_size: int = 8  # rows stepped together by the continuous batch
-    prefix_cache_bytes: int = -1  # KV of earlier prompts kept for reuse; -1 = 1 GiB on CPU, 15% of a GPU; 0 = off
-    batching: str = "auto"  # auto = continuous batching for text models; off = one generate() per request
-    prefill_batch_tokens: int = 0  # prompt tokens (padded) per prefill forward; 0 = 256 on CPU, 4096 on GPUs
-    max_queued_requests: int = 16  # waiting beyond the running ones; past this, 429
-    keepalive_seconds: float = 15.0  # SSE comment interval, so proxies keep a long prefill open
+    max_concurrent_generations: int = at_least(8, 1)  # generations admitted at once (text ones share one batch)
+    max_batch_size: int = at_least(8, 1)  # rows stepped together by the continuous batch
+    prefix_cache_bytes: int = Field(default=-1, ge=-1, description="-1 (auto), 0 (off) or a byte count")
+    # ^ KV of earlier prompts kept for reuse; -1 = 1 GiB on CPU, 15% of a GPU; 0 = off
+    batching: Literal["auto", "off"] = one_of("auto", "auto", "off")  # off = one generate() per request
+    prefill_batch_tokens: int = at_least(0, 0)  # prompt tokens (padded) per prefill forward; 0 = 256 CPU, 4096 GPU
+    max_queued_requests: int = at_least(16, 0)  # waiting beyond the running ones; past this, 429
+    keepalive_seconds: float = more_than_zero(15.0)  # SSE comment interval, so proxies keep a long prefill open
     persist_sessions: bool = False
     sessions_db_path: str = "sessions.db"
-    sessions_ttl_seconds: float = 3600.0
-    session_store: str = ""  # redis://host:port/db: sessions shared by every replica in Redis; empty = this process
-    session_lease_seconds: float = 5.0  # with Redis: a dead replica's sessions are claimed by another after this
-    restart_sessions: str = "continue"  # with persistence: a restart continues running sessions, or interrupts them
-    continue_max_attempts: int = 2  # continuations of one session (each restart is one); then it is interrupted
-    continue_max_age_seconds: float = 3600.0  # a session older than this at restart is interrupted, not continued
-    cancel_after_disconnect_seconds: float = 3600.0  # 0 disables the auto-cancel
-    session_buffer_events: int = 4096
-    max_sessions: int = 1024
-    log_level: str = "INFO"
+    sessions_ttl_seconds: float = more_than_zero(3600.0)
+    session_store: str = Field(
+        default="", pattern=r"^(|(redis|rediss|unix)://.*)$", description="empty or a redis:// URL"
+    )
+    # ^ redis://host:port/db: sessions shared by every replica in Redis; empty = this process
+    session_lease_seconds: float = at_least(5.0, 1)  # with Redis: a dead replica's sessions are claimed after this
+    restart_sessions: Literal["continue", "interrupt"] = one_of("continue", "continue", "interrupt")
+    # ^ with persistence: a restart continues running sessions, or interrupts them
+    continue_max_attempts: int = at_least(2, 0)  # continuations of one session (each restart is one)
+    continue_max_age_seconds: float = more_than_zero(3600.0)  # older at restart: interrupted, not continued
+    cancel_after_disconnect_seconds: float = at_least(3600.0, 0)  # 0 disables the auto-cancel
+    session_buffer_events: int = at_least(4096, 16)
+    max_sessions: int = at_least(1024, 1)
+    log_level: str = Field(default="INFO", description="a logging level")
     api_key: str = ""  # one key or a comma-separated list; when set, every /v1 route needs Bearer <key>
     cors_allow_origins: str = ""  # comma-separated origins ("*" for any); empty = CORS off
-    max_request_bytes: int = 67_108_864  # 64 MiB: room for a few base64 images; larger bodies get 413
-    max_messages: int = 512
-    max_prompt_tokens: int = 0  # 0 = the model's context length
-    max_generation_seconds: float = 0.0  # a generation running longer ends with finish_reason length; 0 = no cap
-    max_schema_bytes: int = 65_536  # a response_format schema larger than this (as compact JSON) is refused
-    grammar_compile_timeout_seconds: float = 10.0  # a schema that takes longer to compile is refused with 400
-    grammar_cache_size: int = 64  # compiled grammars kept, by schema: a repeated schema compiles once
-    max_n: int = 8  # choices one request may ask for (n); never more than MAX_BATCH_SIZE
+    max_request_bytes: int = at_least(67_108_864, 1024)  # 64 MiB: room for a few base64 images; larger get 413
+    max_messages: int = at_least(512, 1)
+    max_prompt_tokens: int = at_least(0, 0)  # 0 = the model's context length
+    max_generation_seconds: float = at_least(0.0, 0)  # a generation running longer ends with length; 0 = no cap
+    max_schema_bytes: int = at_least(65_536, 2)  # a response_format schema larger than this (compact) is refused
+    grammar_compile_timeout_seconds: float = more_than_zero(10.0)  # a schema compiling longer: a 400
+    grammar_cache_size: int = at_least(64, 1)  # compiled grammars kept, by schema: a repeated schema compiles once
+    max_n: int = at_least(8, 1)  # choices one request may ask for (n); never more than MAX_BATCH_SIZE
 
-    def __post_init__(self) -> None:
-        checks: list[tuple[str, bool, str]] = [
-            ("port", 0 <= self.port <= 65535, "a port number (0-65535)"),
-            ("max_tokens", self.max_tokens >= 1, "at least 1"),
-            ("temperature", 0 <= self.temperature <= 2, "between 0 and 2"),
-            ("max_video_frames", self.max_video_frames >= 1, "at least 1"),
-            ("max_images_per_request", self.max_images_per_request >= 0, "0 or more"),
-            ("max_image_bytes", self.max_image_bytes >= 1, "at least 1"),
-            ("max_image_pixels", self.max_image_pixels >= 1, "at least 1"),
-            ("max_video_bytes", self.max_video_bytes >= 1, "at least 1"),
-            ("media_fetch_timeout_seconds", self.media_fetch_timeout_seconds > 0, "more than 0"),
-            ("model_load_retry_seconds", self.model_load_retry_seconds >= 0, "0 or more"),
-            ("max_concurrent_generations", self.max_concurrent_generations >= 1, "at least 1"),
-            ("max_queued_requests", self.max_queued_requests >= 0, "0 or more"),
-            ("max_batch_size", self.max_batch_size >= 1, "at least 1"),
-            ("prefix_cache_bytes", self.prefix_cache_bytes >= -1, "-1 (auto), 0 (off) or a byte count"),
-            ("batching", self.batching in ("auto", "off"), "auto or off"),
-            ("prefill_batch_tokens", self.prefill_batch_tokens >= 0, "0 or more"),
-            ("keepalive_seconds", self.keepalive_seconds > 0, "more than 0"),
-            ("sessions_ttl_seconds", self.sessions_ttl_seconds > 0, "more than 0"),
-            ("restart_sessions", self.restart_sessions in ("continue", "interrupt"), "continue or interrupt"),
-            (
-                "session_store",
-                self.session_store.startswith(("redis://", "rediss://", "unix://")) or not self.session_store,
-                "empty or a redis:// URL",
-            ),
-            ("session_lease_seconds", self.session_lease_seconds >= 1, "at least 1"),
-            ("continue_max_attempts", self.continue_max_attempts >= 0, "0 or more"),
-            ("continue_max_age_seconds", self.continue_max_age_seconds > 0, "more than 0"),
-            ("cancel_after_disconnect_seconds", self.cancel_after_disconnect_seconds >= 0, "0 or more"),
-            ("session_buffer_events", self.session_buffer_events >= 16, "at least 16"),
-            ("max_sessions", self.max_sessions >= 1, "at least 1"),
-            ("max_request_bytes", self.max_request_bytes >= 1024, "at least 1024"),
-            ("max_messages", self.max_messages >= 1, "at least 1"),
-            ("max_prompt_tokens", self.max_prompt_tokens >= 0, "0 or more"),
-            ("max_generation_seconds", self.max_generation_seconds >= 0, "0 or more"),
-            ("max_schema_bytes", self.max_schema_bytes >= 2, "at least 2"),
-            ("grammar_compile_timeout_seconds", self.grammar_compile_timeout_seconds > 0, "more than 0"),
-            ("grammar_cache_size", self.grammar_cache_size >= 1, "at least 1"),
-            ("max_n", self.max_n >= 1, "at least 1"),
-            ("torch_dtype", self.torch_dtype in TORCH_DTYPES, "one of " + ", ".join(TORCH_DTYPES)),
-            ("log_level", self.log_level.upper() in logging.getLevelNamesMapping(), "a logging level"),
-            ("model_repo_id", bool(self.model_repo_id.strip()), "a model id or path"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name.upper()} must be {expected}, got {getattr(self, name)!r}")
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(value)
+        return value
 
     @classmethod
     def env_names(cls) -> list[str]:
-        return [f.name.upper() for f in fields(cls)]
+        return [name.upper() for name in cls.model_fields]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], dotenv_path: Path | None = None) -> Settings:
-        """Build from `environ`, over the values of a `.env` file when one is given and exists."""
+        """Build from `environ`, over the values of a `.env` file when one is given and exists. Each value is cast
+        to its field's type first, so that "PORT must be int, got 'abc'" names the type and a range error shows
+        the number."""
         values: dict[str, str] = {}
         if dotenv_path is not None and dotenv_path.is_file():
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         values.update(environ)
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = values.get(f.name.upper())
+        for name, info in cls.model_fields.items():
+            raw = values.get(name.upper())
             if raw is None:
                 continue
+            kind = info.annotation if info.annotation in (int, float, bool) else str
             try:
-                kwargs[f.name] = _CASTS[str(f.type)](raw.strip())
+                kwargs[name] = _CASTS[kind.__name__](raw.strip())
             except ValueError:
-                raise ConfigError(f"{f.name.upper()} must be {f.type}, got {raw!r}") from None
-        return cls(**kwargs)
+                raise ConfigError(f"{name.upper()} must be {kind.__name__}, got {raw!r}") from None
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0])
+            expected = cls.model_fields[name].description or error["msg"]
+            raise ConfigError(f"{name.upper()} must be {expected}, got {error['input']!r}") from None
 
     def model_id(self) -> str:
         """The id responses and /v1/models carry: SERVED_MODEL_NAME, else the hub id as given, else (for a
