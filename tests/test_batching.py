@@ -74,10 +74,8 @@ def concurrently(*jobs: Callable[[], Any]) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> main.TransformersEngine:
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    engine.load()
-    return engine
+def engine(tiny_engine: main.TransformersEngine) -> main.TransformersEngine:
+    return tiny_engine  # the shared one (conftest), under the name these tests use
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,8 @@ it, cut its connection at a proxy, stop it, and feed it markup."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import LiveServer, ScriptedEngine, make_settings
+from conftest import DroppingProxy, LiveServer, ScriptedEngine, make_settings
 
 OUTPUT = Path(__file__).parent / ".output"  # screenshots: kept by CI as artifacts
 FRANCE = "What is the capital of France?"
@@ -120,56 +117,14 @@ def test_smollm2_a_reload_mid_answer_completes_it_without_a_repeat(browser: Any,
     assert answer_when_done(browser) == api_answer(story_server, STORY, 96)
 
 
-class CuttingProxy:
-    """Forwards to `port`; the first streamed chat answer through it is cut after `cut_bytes` of response."""
-
-    def __init__(self, port: int, cut_bytes: int) -> None:
-        self.port, self.cut_bytes, self.cuts = port, cut_bytes, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.port))
-                armed = threading.Event()
-                threading.Thread(target=self._requests, args=(client, upstream, armed), daemon=True).start()
-                threading.Thread(target=self._responses, args=(upstream, client, armed), daemon=True).start()
-
-    def _requests(self, source: socket.socket, target: socket.socket, armed: threading.Event) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(4096):
-                if b"POST /v1/chat/completions" in data and self.cuts == 0:
-                    self.cuts += 1
-                    armed.set()
-                target.sendall(data)
-
-    def _responses(self, source: socket.socket, target: socket.socket, armed: threading.Event) -> None:
-        sent = 0
-        with contextlib.suppress(OSError):
-            while data := source.recv(256):
-                target.sendall(data)
-                sent = sent + len(data) if armed.is_set() else 0
-                if sent > self.cut_bytes:
-                    break  # the connection drops mid-answer
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.mark.slow
 def test_smollm2_a_dropped_connection_mid_answer_is_resumed(browser: Any, story_server: LiveServer) -> None:
-    proxy = CuttingProxy(story_server.port, cut_bytes=2500)
+    proxy = DroppingProxy(story_server.port, cut_bytes=2500, marker=b"POST /v1/chat/completions")
     try:
         open_page(browser, proxy.url)
         ask(browser, STORY)
         assert answer_when_done(browser) == api_answer(story_server, STORY, 96)
-        assert proxy.cuts == 1
+        assert proxy.drops_left == 0  # the first answer was cut, once
     finally:
         proxy.close()
 

@@ -14,21 +14,18 @@ from typing import Any
 
 import httpx
 import pytest
-from test_resume import (
-    QUESTION,
-    ServerProcess,
-    SseEvent,
-    assert_contiguous,
-    content_of,
-    finish_reason_of,
-    iter_sse,
-    read_stream,
-    resume,
-    start_stream,
-)  # fmt: skip
+from test_resume import QUESTION, assert_contiguous, content_of, finish_reason_of, resume, start_stream
 
 import main
-from conftest import ScriptedEngine, stop_gracefully
+from conftest import (
+    ScriptedEngine,
+    ServerProcess,
+    SseEvent,
+    iter_sse,
+    read_stream,
+    read_streams_then_kill,
+    stop_gracefully,
+)
 
 SCORE = main.TokenScore("\\xe6\\x97", -0.25, b"\xe6\x97", (("\\xe6\\x97", -0.25, b"\xe6\x97"), ("a", -2.0, b"a")))
 
@@ -267,21 +264,9 @@ def test_sigterm_leaves_streams_to_be_continued(continuing_env: dict[str, str], 
 
 
 def test_four_sessions_in_one_batch_all_continue(continuing_env: dict[str, str], tmp_path: Path) -> None:
-    first = ServerProcess(continuing_env, tmp_path)
     bodies = [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "stream": True,
                "session_id": f"batch-{i}"} for i, topic in enumerate(["cats", "the sea", "Paris", "rain"])]  # fmt: skip
-    heads: dict[int, list[SseEvent]] = {}
-
-    def read(i: int) -> None:
-        with httpx.stream("POST", first.url + "/v1/chat/completions", json=bodies[i], timeout=60) as response:
-            heads[i] = read_stream(response, f"batch-{i}", limit=8)
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    first.kill()
+    heads = read_streams_then_kill(ServerProcess(continuing_env, tmp_path), bodies, 8)
     second = ServerProcess(continuing_env, tmp_path)
     try:
         assert httpx.get(second.url + "/health", timeout=10).json()["sessions_continued"] == 4
@@ -410,22 +395,10 @@ def test_smollm2_a_greedy_story_continues_after_a_restart_as_if_none_happened(
 
 @pytest.mark.slow
 def test_smollm2_four_sessions_of_one_batch_continue_after_a_kill(smollm2_env: dict[str, str], tmp_path: Path) -> None:
-    first = ServerProcess(smollm2_env, tmp_path)
     topics = ["a lighthouse keeper", "a cat that runs a bakery", "a garden on the moon", "the last train"]
     bodies = [{"messages": [{"role": "user", "content": f"Write a long story about {topic}."}], "stream": True,
                "session_id": f"four-{i}"} for i, topic in enumerate(topics)]  # fmt: skip
-    heads: dict[int, list[SseEvent]] = {}
-
-    def read(i: int) -> None:
-        with httpx.stream("POST", first.url + "/v1/chat/completions", json=bodies[i], timeout=120) as response:
-            heads[i] = read_stream(response, f"four-{i}", limit=6)
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    first.kill()
+    heads = read_streams_then_kill(ServerProcess(smollm2_env, tmp_path), bodies, 6, timeout=120)
     second = ServerProcess(smollm2_env, tmp_path)
     try:
         assert httpx.get(second.url + "/health", timeout=10).json()["sessions_continued"] == 4

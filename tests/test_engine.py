@@ -23,13 +23,6 @@ def generate_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "generate"]
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> main.TransformersEngine:
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    engine.load()
-    return engine
-
-
 def test_deltas_join_to_the_plain_generate_text(tiny_engine: main.TransformersEngine) -> None:
     prompt = tiny_engine.prepare(QUESTION, greedy(24))
     events = list(tiny_engine.stream(prompt, greedy(24), threading.Event()))

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_resume import ServerProcess, assert_contiguous, content_of, iter_sse, read_stream, resume
+from test_resume import assert_contiguous, content_of, resume
 
 import main
-from conftest import LiveServer, ScriptedEngine, make_settings
+from conftest import LiveServer, ScriptedEngine, ServerProcess, iter_sse, make_settings, read_stream
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 KEY_A, KEY_B = "sk-alpha-0123456789", "sk-bravo-9876543210"

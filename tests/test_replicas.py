@@ -10,20 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_resume import (
-    QUESTION,
-    ServerProcess,
-    SseEvent,
-    assert_contiguous,
-    content_of,
-    finish_reason_of,
-    iter_sse,
-    read_stream,
-    resume,
-    start_stream,
-)  # fmt: skip
+from test_resume import QUESTION, assert_contiguous, content_of, finish_reason_of, resume, start_stream
 
-from conftest import RedisServer
+from conftest import RedisServer, ServerProcess, SseEvent, iter_sse, read_stream
 
 
 @pytest.fixture

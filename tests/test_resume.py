@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +22,19 @@ import pytest
 
 import main
 from conftest import (
-    TEST_KEEPALIVE_SECONDS,
+    DroppingProxy,
     LiveServer,
     ScriptedEngine,
-    free_port,
+    ServerProcess,
+    SseEvent,
+    iter_sse,
     make_settings,
-    new_process_group,
+    read_stream,
     stop_gracefully,
 )
 
 ROOT = Path(__file__).parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-SseEvent = tuple[int, str]  # (index, data)
-
-
-def iter_sse(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
-    """(id, data) per SSE event, comments skipped."""
-    event_id, data = None, []
-    for line in response.iter_lines():
-        if not line:
-            if data:
-                yield event_id, "\n".join(data)
-            event_id, data = None, []
-        elif line.startswith("id: "):
-            event_id = line[4:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
-
-
-def read_stream(response: httpx.Response, sid: str, limit: int | None = None) -> list[SseEvent]:
-    events: list[SseEvent] = []
-    for event_id, data in iter_sse(response):
-        assert event_id is not None and event_id.startswith(sid + ":"), event_id
-        events.append((int(event_id.rpartition(":")[2]), data))
-        if limit is not None and len(events) >= limit:
-            break
-    return events
 
 
 def start_stream(url: str, limit: int | None, **body: Any) -> tuple[str, list[SseEvent]]:
@@ -396,39 +373,6 @@ def test_grace_zero_never_auto_cancels(slow_server: Callable[..., Any]) -> None:
 # ---- restarts with SQLite (real `python main.py` processes) --------------------------------------------------
 
 
-class ServerProcess:
-    """`python main.py` in a subprocess: the real entrypoint, killable like a crash."""
-
-    def __init__(self, env: dict[str, str], cwd: Path, script: Path = ROOT / "main.py") -> None:
-        self.port = free_port()
-        full_env = {**os.environ, "KEEPALIVE_SECONDS": str(TEST_KEEPALIVE_SECONDS), **env, "PORT": str(self.port),
-                    "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-        self.log = (cwd / f"server-{self.port}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd, stdout=self.log,
-                                     stderr=subprocess.STDOUT, **new_process_group())  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((cwd / f"server-{self.port}.log").read_text())
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        self.proc.kill()  # a crash: no shutdown code runs
-        self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> None:
-        stop_gracefully(self.proc)  # Ctrl+Break on Windows, SIGTERM elsewhere
-        self.proc.wait(30)
-        self.log.close()
-
-
 @pytest.fixture
 def persistent_env(tiny_model_dir: Path, tmp_path: Path) -> dict[str, str]:
     return {
@@ -523,45 +467,9 @@ def readme_resume_client() -> dict[str, Any]:
     return namespace
 
 
-class DroppingProxy:
-    """Forwards 127.0.0.1 connections to `port`, cutting each of the first `drops` responses after `cut_bytes`."""
-
-    def __init__(self, port: int, drops: int, cut_bytes: int) -> None:
-        self.port, self.drops_left, self.cut_bytes = port, drops, cut_bytes
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.port))
-                limit = self.cut_bytes if self.drops_left > 0 else None
-                self.drops_left -= 1
-                threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-                threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket, limit: int | None) -> None:
-        sent = 0
-        with contextlib.suppress(OSError):
-            while data := source.recv(256):
-                target.sendall(data)
-                sent += len(data)
-                if limit is not None and sent > limit:
-                    break
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_the_readme_client_resumes_through_dropped_connections(slow_server: Callable[..., Any]) -> None:
     server, engine = slow_server(tokens=40, delay=0.02)
-    proxy = DroppingProxy(server.port, drops=3, cut_bytes=1500)
+    proxy = DroppingProxy(server.port, cut_bytes=1500, drops=3)
     try:
         chat_stream = readme_resume_client()["chat_stream"]
         text = "".join(chat_stream(proxy.url, {"messages": QUESTION}))

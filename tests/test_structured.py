@@ -148,13 +148,6 @@ def test_apply_token_bitmask_leaves_exactly_the_allowed_ids(allowed: list[int], 
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> main.TransformersEngine:
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
-    engine.load()
-    return engine
-
-
-@pytest.fixture(scope="module")
 def tiny_generate_engine(tiny_model_dir: Path) -> main.TransformersEngine:
     engine = main.TransformersEngine(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu", batching="off"))
     engine.load()
