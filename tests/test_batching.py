@@ -363,8 +363,9 @@ def record_prefill_groups(scheduler: main.BatchScheduler) -> list[list[int]]:
 def test_newcomers_are_prefilled_in_groups_and_give_the_same_text(
     tiny_model_dir: Path, reference: main.TransformersEngine
 ) -> None:
-    """Prompts of different lengths in one left-padded forward (the default 256-token budget on CPU)."""
-    engine, scheduler = scheduled_engine(tiny_model_dir)
+    """Prompts of different lengths in one left-padded forward (the default 256-token budget on CPU). Without the
+    prefix cache: prompts that share a cached prefix are prefilled alone, after it."""
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefix_cache_bytes=0)
     assert scheduler.prefill_tokens == main.CPU_PREFILL_TOKENS
     groups = record_prefill_groups(scheduler)
     expected = [run(reference, q, greedy(12))[0] for q in QUESTIONS]
@@ -403,8 +404,8 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_slices_between_steps(
     budget = prompt_length(reference, QUESTIONS[0])
     slices = -(-prompt_length(reference, LONG_QUESTION) // budget)
     assert slices >= 4
-    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget)
-    ops: list[str] = []
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget, prefix_cache_bytes=0)
+    ops: list[str] = []  # (no prefix cache: the slices are those of the whole prompt)
     chunk, step = scheduler._prefill_chunk, scheduler._step
     scheduler._prefill_chunk = lambda chunked: (ops.append("slice"), chunk(chunked))[1]  # type: ignore[method-assign]
     scheduler._step = lambda: (ops.append("step"), step())[1]  # type: ignore[method-assign]
@@ -419,7 +420,7 @@ def test_cancel_during_a_sliced_prefill_ends_only_that_request(
     tiny_model_dir: Path, reference: main.TransformersEngine
 ) -> None:
     budget = prompt_length(reference, QUESTIONS[0])
-    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget)
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefill_batch_tokens=budget, prefix_cache_bytes=0)
     cancel = threading.Event()
     chunk = scheduler._prefill_chunk
     scheduler._prefill_chunk = lambda chunked: (chunk(chunked), cancel.set())[0]  # type: ignore[method-assign]
@@ -534,7 +535,7 @@ def test_a_merge_that_fails_part_way_fails_only_the_newcomers(
 ) -> None:
     """A failure while a prefilled group is merged into the running batch (out of GPU memory in a `torch.cat`, say)
     after some layers were merged: those layers are put back, so the running request goes on to its solo text."""
-    engine, scheduler = scheduled_engine(tiny_model_dir)
+    engine, scheduler = scheduled_engine(tiny_model_dir, prefix_cache_bytes=0)  # a group's merge, not a hit's
     decoding, join = threading.Event(), scheduler._join
     padded_old: list[bool] = []
 
