@@ -788,6 +788,24 @@ def main_at(rev: str) -> Path:
     return folder / "main.py"
 
 
+def compare_plain_streams(report: Report, servers: dict[str, Server], ours: str, theirs: str,
+                          args: argparse.Namespace, top: int) -> None:  # fmt: skip
+    """Plain 1 and `top` streams on two servers alive side by side, interleaved: the ratio of the medians and the
+    range of the per-round ratios (the spread)."""
+    for label, n in (("1 stream", 1), (f"{top} concurrent", top)):
+
+        def measure(url: str, n: int = n) -> float:
+            return one_stream_tok_s(url, args.new_tokens) if n == 1 else concurrent_tok_s(url, n, args.new_tokens)
+
+        rounds = interleaved_rounds({name: functools.partial(measure, servers[name].url) for name in (ours, theirs)},
+                                    args.runs)  # fmt: skip
+        mine, other = statistics.median(rounds[ours]), statistics.median(rounds[theirs])
+        per_round = sorted(a / b for a, b in zip(rounds[ours], rounds[theirs], strict=True))
+        report.add(f"plain tok/s, {label}: {ours} vs {theirs}", ratio(mine, other),
+                   f"{mine:.1f} vs {other:.1f} tok/s; per-round ratios {per_round[0]:.2f}-{per_round[-1]:.2f} "
+                   f"over {args.runs} rounds, interleaved")  # fmt: skip
+
+
 def run_against(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     """Plain 1 and `top` streams: this tree's main.py against commit `args.against`'s, two servers alive side by
     side, measured interleaved; the ratio of medians and the range of the per-round ratios (the spread)."""
@@ -797,18 +815,7 @@ def run_against(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     start = functools.partial(start_ours, model_dir, args.dtype, args.device, top)
     servers = {"this tree": start("ours-tree"), args.against: start(f"ours-{args.against}", main_at(args.against))}
     try:
-        for label, job in (("1 stream", one_stream_tok_s), (f"{top} concurrent", None)):
-
-            def measure(url: str, job: Any = job) -> float:
-                return job(url, args.new_tokens) if job else concurrent_tok_s(url, top, args.new_tokens)
-
-            rounds = interleaved_rounds({n: functools.partial(measure, s.url) for n, s in servers.items()}, args.runs)
-            ours, theirs = rounds["this tree"], rounds[args.against]
-            per_round = sorted(a / b for a, b in zip(ours, theirs, strict=True))
-            report.add(f"plain tok/s, {label}: this tree vs {args.against}",
-                       ratio(statistics.median(ours), statistics.median(theirs)),
-                       f"{statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} tok/s; per-round ratios "
-                       f"{per_round[0]:.2f}-{per_round[-1]:.2f} over {args.runs} rounds, interleaved")  # fmt: skip
+        compare_plain_streams(report, servers, "this tree", args.against, args, top)
     finally:
         for server in servers.values():
             server.stop()
@@ -874,15 +881,7 @@ def run_prefix_cache(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
             same = "same answer" if figures["on"][2] == figures["off"][2] else "ANSWERS DIFFER"
             report.add(f"agent loop turn {turn}: TTFT off / on", f"{off / on:.2f}x",
                        f"{off * 1000:.0f} ms -> {on * 1000:.0f} ms; cached_tokens {cached}; {same}")  # fmt: skip
-        tokens = args.new_tokens
-        singles = interleaved({n: functools.partial(one_stream_tok_s, s.url, tokens) for n, s in servers.items()},
-                              args.runs)  # fmt: skip
-        tops = interleaved({n: functools.partial(concurrent_tok_s, s.url, top, tokens) for n, s in servers.items()},
-                           args.runs)  # fmt: skip
-        report.add("plain tok/s, 1 stream: cache on vs off", ratio(singles["on"], singles["off"]),
-                   f"{singles['on']:.1f} vs {singles['off']:.1f}, interleaved")  # fmt: skip
-        report.add(f"plain tok/s, {top} concurrent: cache on vs off", ratio(tops["on"], tops["off"]),
-                   f"{tops['on']:.1f} vs {tops['off']:.1f}, interleaved")  # fmt: skip
+        compare_plain_streams(report, servers, "on", "off", args, top)
         url = servers["on"].url
         peak, budget = metric(url, "llm_prefix_cache_peak_bytes"), metric(url, "llm_prefix_cache_budget_bytes")
         report.add("prefix cache peak bytes / budget", f"{peak / 2**20:.1f} MiB",
