@@ -3972,6 +3972,110 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class PrefillQueue:
+    """The batch's waiting prompts and how they are taken: in arrival order, grouped for one prefill within the
+    padded-token budget, a prefix-cache hit alone (it starts from a cache of its own); each newcomer looked up
+    in the prefix cache once, when taken."""
+
+    def __init__(self, prefix: PrefixCache, prefill_tokens: int, max_batch: int) -> None:
+        self.prefix, self.prefill_tokens, self.max_batch = prefix, prefill_tokens, max_batch
+        self.pending: queue.Queue[Family] = queue.Queue()
+        self.held: Family | None = None  # taken from `pending` but left for the next prefill group
+
+    def next_group(self, rows: int, wait: bool) -> list[Family]:
+        """Waiting prompts, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
+        longer prompt goes alone, in slices). Deliberate: on CPU prefill is compute-bound, so a group's cost grows
+        with every prompt in it and all of them wait for it; groups of about 4 chat prompts were measured the
+        best trade (0.64x the cost per prompt of one alone, CLAUDE.md)."""
+        group: list[Family] = []
+        longest = 0
+        while rows < self.max_batch:
+            family = self.take(block=wait and not group)
+            if family is None:
+                break
+            if all(r.stopped for r in family):
+                for request in family:
+                    request.finish("cancelled")
+                continue
+            length = int(family[0].input_ids.shape[1])
+            fits = rows + len(family) <= self.max_batch
+            alone = family[0].hit is not None  # it starts from a cache of its own
+            if not fits or (alone and group) or not joins_prefill_group(len(group), longest, length,
+                                                                        self.prefill_tokens):  # fmt: skip
+                self.held = family  # first in line for the next group
+                break
+            group.append(family)
+            longest, rows = max(longest, length), rows + len(family)
+            if alone:
+                break
+        return group
+
+    def take(self, block: bool) -> Family | None:
+        if self.held is not None:
+            family, self.held = self.held, None
+            return family
+        try:
+            family = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
+        except queue.Empty:
+            return None
+        self.look_up(family[0])
+        return family
+
+    def look_up(self, request: BatchRequest) -> None:
+        """The longest cached prefix of a newcomer's prompt, once, when it is taken from the queue. Not for the
+        legacy echo with logprobs: it needs the logits of every prompt position."""
+        if self.prefix.budget and not request.params.prompt_logprobs:
+            request.hit = self.prefix.lookup(request.params.cache_salt, request.input_ids[0].cpu().numpy())
+
+
+class RowSampler:
+    """Each row's next token from one step's logits: its raw scores kept for logprobs, its adjustments, its
+    grammar mask, then greedy or the one `Sampler`. A row whose grammar fails is handed to `fail`."""
+
+    def __init__(self, sampler: Sampler, eos_index: Any, max_batch: int,
+                 fail: Callable[[list[BatchRequest], Exception, str], None]) -> None:  # fmt: skip
+        self.sampler, self.eos_index, self.max_batch, self.fail = sampler, eos_index, max_batch, fail
+        self.bitmask: Any = None  # (max_batch, words) int32 on the CPU: constrained rows' allowed tokens
+
+    def _constrain(self, logits: Any, requests: list[BatchRequest]) -> None:
+        """Masks each constrained row to the tokens its grammar allows next. Free rows pay nothing. On a GPU the
+        masks are computed while the forward pass that made `logits` still runs (nothing has waited for it yet).
+        A row whose grammar fails ends with the error; the others go on."""
+        import torch
+
+        rows: list[int] = []
+        for row, request in enumerate(requests):
+            if request.constraint is None or request.done:
+                continue
+            if self.bitmask is None:
+                self.bitmask = torch.zeros((self.max_batch, bitmask_words(logits.shape[-1])), dtype=torch.int32)
+            try:
+                request.constraint.fill(self.bitmask[row])
+                rows.append(row)
+            except ConstraintError as exc:
+                self.fail([request], exc, "constrained decoding")
+        if rows:
+            apply_token_bitmask(logits, self.bitmask, rows)
+
+    def sample(self, logits: Any, requests: list[BatchRequest]) -> Any:
+        """The next token of every row: raw log-softmax kept for rows that ask for logprobs, then each row's
+        adjustments (bias, penalties, min_tokens), grammar masks, and greedy or sampled choice. Rows that use
+        none of it pay nothing."""
+        for row, request in enumerate(requests):
+            if request.done:
+                continue
+            if request.params.logprobs is not None:
+                request.scores = logits[row].float().log_softmax(-1)
+            if request.params.adjusts_logits:
+                adjust_logits(logits[row], request, self.eos_index)
+        self._constrain(logits, requests)
+        tokens = logits.argmax(dim=-1)
+        for row, request in enumerate(requests):
+            if request.params.temperature > 0 and not request.done:
+                tokens[row] = self.sampler.draw(logits[row], request)
+        return tokens
+
+
 class BatchScheduler:
     """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
     next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
@@ -3994,20 +4098,18 @@ class BatchScheduler:
         self.eos_index = torch.tensor(sorted(self.eos), device=loaded.model.device) if self.eos else None
         self.texts = TokenTexts(loaded.tokenizer)
         self.cache_kw = cache_keyword(loaded.model)
-        self.sampler = Sampler(loaded.model.generation_config)
-        self.pending: queue.Queue[Family] = queue.Queue()
-        self.held: Family | None = None  # taken from `pending` but left for the next prefill group
+        self.rows_sampler = RowSampler(Sampler(loaded.model.generation_config), self.eos_index, max_batch, self._fail)
+        self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch)
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
         self.active: list[BatchRequest] = []
         self.cache: Any = None  # a DynamicCache with one row per active request
         self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
         self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
-        self.bitmask: Any = None  # (max_batch, words) int32 on the CPU: constrained rows' allowed tokens
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
     def submit(self, family: Family) -> None:
-        self.pending.put(family)
+        self.queue.pending.put(family)
 
     def _run(self) -> None:
         import torch
@@ -4030,12 +4132,12 @@ class BatchScheduler:
         a newcomer waits for at most one step plus the prefills ahead of it, and requests that arrive during a
         prefill join the next group instead of waiting behind a step. A prompt longer than `prefill_tokens` is
         prefilled in slices instead, one per step (`_prefill_chunk`), so it does not stall the others."""
-        while self._rows() < self.max_batch and (group := self._next_group(wait=self._idle())):
+        while self._rows() < self.max_batch and (group := self.queue.next_group(self._rows(), wait=self._idle())):
             first = group[0][0]
             left = int(first.input_ids.shape[1]) - (first.hit[1] if first.hit is not None else 0)
             if len(group) == 1 and (left > self.prefill_tokens or first.hit is not None):
                 if self.chunked is not None:
-                    self.held = group[0]  # one such prompt at a time; it waits for the current one
+                    self.queue.held = group[0]  # one such prompt at a time; it waits for the current one
                     return
                 self.chunked = self._chunked_prefill(group[0])
                 if left <= self.prefill_tokens:  # a cache hit with a short new part: its one slice now
@@ -4058,51 +4160,6 @@ class BatchScheduler:
             request.done = True
             request.out.put(exc)
             request.out.put(_BATCH_END)
-
-    def _next_group(self, wait: bool) -> list[Family]:
-        """Waiting prompts, in arrival order, up to the free rows and `prefill_tokens` padded prompt tokens (a
-        longer prompt goes alone, in slices). Deliberate: on CPU prefill is compute-bound, so a group's cost grows
-        with every prompt in it and all of them wait for it; groups of about 4 chat prompts were measured the
-        best trade (0.64x the cost per prompt of one alone, CLAUDE.md)."""
-        group: list[Family] = []
-        longest, rows = 0, self._rows()
-        while rows < self.max_batch:
-            family = self._take(block=wait and not group)
-            if family is None:
-                break
-            if all(r.stopped for r in family):
-                for request in family:
-                    request.finish("cancelled")
-                continue
-            length = int(family[0].input_ids.shape[1])
-            fits = rows + len(family) <= self.max_batch
-            alone = family[0].hit is not None  # it starts from a cache of its own
-            if not fits or (alone and group) or not joins_prefill_group(len(group), longest, length,
-                                                                        self.prefill_tokens):  # fmt: skip
-                self.held = family  # first in line for the next group
-                break
-            group.append(family)
-            longest, rows = max(longest, length), rows + len(family)
-            if alone:
-                break
-        return group
-
-    def _take(self, block: bool) -> Family | None:
-        if self.held is not None:
-            family, self.held = self.held, None
-            return family
-        try:
-            family = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
-        except queue.Empty:
-            return None
-        self._look_up(family[0])
-        return family
-
-    def _look_up(self, request: BatchRequest) -> None:
-        """The longest cached prefix of a newcomer's prompt, once, when it is taken from the queue. Not for the
-        legacy echo with logprobs: it needs the logits of every prompt position."""
-        if self.prefix.budget and not request.params.prompt_logprobs:
-            request.hit = self.prefix.lookup(request.params.cache_salt, request.input_ids[0].cpu().numpy())
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -4225,7 +4282,7 @@ class BatchScheduler:
             lengths = [length for length, family in zip(lengths, group, strict=True) for _ in family]
         for request in requests:
             prepare_row(request, vocab_size(self.loaded))
-        tokens = self._sample(logits[:, -1, :], requests)
+        tokens = self.rows_sampler.sample(logits[:, -1, :], requests)
         self._merge(requests, cache, mask, tokens)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
@@ -4277,50 +4334,12 @@ class BatchScheduler:
             **{self.cache_kw: self.cache},
             use_cache=True,
         ).logits
-        tokens = self._sample(logits[:, -1, :], self.active)
+        tokens = self.rows_sampler.sample(logits[:, -1, :], self.active)
         self.next_tokens = tokens.view(rows, 1)
         for request, token in zip(self.active, tokens.tolist(), strict=True):
             request.cached += 1
             self._emit(request, int(token))
         self._retire()
-
-    def _constrain(self, logits: Any, requests: list[BatchRequest]) -> None:
-        """Masks each constrained row to the tokens its grammar allows next. Free rows pay nothing. On a GPU the
-        masks are computed while the forward pass that made `logits` still runs (nothing has waited for it yet).
-        A row whose grammar fails ends with the error; the others go on."""
-        import torch
-
-        rows: list[int] = []
-        for row, request in enumerate(requests):
-            if request.constraint is None or request.done:
-                continue
-            if self.bitmask is None:
-                self.bitmask = torch.zeros((self.max_batch, bitmask_words(logits.shape[-1])), dtype=torch.int32)
-            try:
-                request.constraint.fill(self.bitmask[row])
-                rows.append(row)
-            except ConstraintError as exc:
-                self._fail([request], exc, "constrained decoding")
-        if rows:
-            apply_token_bitmask(logits, self.bitmask, rows)
-
-    def _sample(self, logits: Any, requests: list[BatchRequest]) -> Any:
-        """The next token of every row: raw log-softmax kept for rows that ask for logprobs, then each row's
-        adjustments (bias, penalties, min_tokens), grammar masks, and greedy or sampled choice. Rows that use
-        none of it pay nothing."""
-        for row, request in enumerate(requests):
-            if request.done:
-                continue
-            if request.params.logprobs is not None:
-                request.scores = logits[row].float().log_softmax(-1)
-            if request.params.adjusts_logits:
-                adjust_logits(logits[row], request, self.eos_index)
-        self._constrain(logits, requests)
-        tokens = logits.argmax(dim=-1)
-        for row, request in enumerate(requests):
-            if request.params.temperature > 0 and not request.done:
-                tokens[row] = self.sampler.draw(logits[row], request)
-        return tokens
 
     def _emit(self, request: BatchRequest, token: int) -> None:
         if request.done:

@@ -6,6 +6,7 @@ against a full prefill, the Responses API and API-key isolation."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,21 @@ def test_rows_that_continue_from_an_entry_never_write_into_it(
     list(chat(on, users[:1], salt="intact"))
     scheduler = on._scheduler
     assert scheduler is not None
+    settled(scheduler)  # the finished row's entry is stored after its Finished went out
     held = [(e, [(k.clone(), v.clone()) for k, v in e.layers]) for e in scheduler.prefix.entries.values()]
     answers = list(chat(on, users, salt="intact"))
+    settled(scheduler)
     assert answers[1][1] > 0 and held
     for entry, copies in held:  # (an entry that a newer one made redundant leaves the cache, unchanged)
         assert all(torch.equal(a, k) and torch.equal(b, v) for (a, b), (k, v) in zip(copies, entry.layers, strict=True))
+
+
+def settled(scheduler: main.BatchScheduler) -> None:
+    """Waits until the batch thread has retired every row (and stored their entries)."""
+    deadline = time.monotonic() + 30
+    while scheduler.active or scheduler.chunked is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_two_concurrent_requests_on_one_entry_and_a_cancel_leave_it_whole(
