@@ -4617,6 +4617,8 @@ class TransformersEngine:
         scheduler = self.scheduler_for(loaded)
         if scheduler is not None:
             return stream_batched(scheduler, prompt, params, cancel, ends, resume)
+        why = "BATCHING=off" if self.handle.settings.batching == "off" else "a vision model, or sliding-window layers"
+        log.debug("generate() path (%s): no prefix cache", why)
         return infer_stream(loaded, self.texts(loaded), prompt, params, cancel, ends, resume)
 
     def scheduler_for(self, loaded: LoadedModel) -> BatchScheduler | None:

@@ -156,7 +156,7 @@ def test_the_first_steps_logits_match_a_full_prefill(
     cached, reused = scores(on)
     full, _ = scores(off)
     assert reused > 0
-    assert cached == pytest.approx(full, abs=1e-4)  # measured here: at most ~2e-6 in float32
+    assert cached == pytest.approx(full, abs=1e-4)  # measured: 4.8e-7 here, 2.7e-5 on SmolLM2 (float32, top-20)
 
 
 def test_rows_that_continue_from_an_entry_never_write_into_it(
@@ -209,6 +209,26 @@ def test_two_concurrent_requests_on_one_entry_and_a_cancel_leave_it_whole(
     assert all(r[1].cached_tokens > 0 for r in results)
 
 
+def test_n_choices_of_a_prompt_that_hits_are_the_choices_without_the_cache(
+    engines: tuple[main.TransformersEngine, main.TransformersEngine],
+) -> None:
+    on, off = engines
+    base = [{"role": "user", "content": "the river runs through a city of light"}]
+    answer = turn(on, base, salt="n")[0]
+    follow = [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": "and the people"}]
+    params = main.GenerationParams(max_new_tokens=10, temperature=1.0, seed=5, n=2, cache_salt="n")
+
+    def choices(engine: main.TransformersEngine) -> list[tuple[str, int]]:
+        events = list(engine.stream(engine.prepare(follow, params), params, threading.Event()))
+        texts = ["".join(e.text for e in events if isinstance(e, main.Delta) and e.choice == i) for i in range(2)]
+        cached = [e.cached_tokens for e in events if isinstance(e, main.Finished)]
+        return list(zip(texts, cached, strict=True))
+
+    with_cache, without = choices(on), choices(off)
+    assert [t for t, _ in with_cache] == [t for t, _ in without] and with_cache[0][0] != with_cache[1][0]
+    assert all(c > 0 for _, c in with_cache) and all(c == 0 for _, c in without)
+
+
 def test_another_owners_conversation_is_never_reused(
     engines: tuple[main.TransformersEngine, main.TransformersEngine],
 ) -> None:
@@ -253,6 +273,24 @@ def test_an_openai_client_chat_reports_cached_tokens_turn_after_turn(server: Liv
     assert other.usage is not None and other.usage.prompt_tokens_details is None  # bob shares nothing of alice's
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert "llm_prefix_cache_hits_total" in text and "llm_prefix_cache_bytes" in text
+
+
+@pytest.mark.slow
+def test_smollm2_multi_turn_answers_are_the_same_without_the_cache(server: LiveServer, smollm2_dir: Path) -> None:
+    settings = make_settings(model_repo_id=str(smollm2_dir), device_map="cpu", temperature=0, max_tokens=24,
+                             prefix_cache_bytes=0)  # fmt: skip
+    with LiveServer(main.create_app(settings)) as off:
+        for users in (["What is the capital of France?", "And of Italy?", "Which is larger?"],
+                      ["Name a color.", "Another one.", "And a third."]):  # fmt: skip
+            answers: dict[str, list[str]] = {}
+            for name, live, key in (("on", server, "alice-key"), ("off", off, "unused")):
+                messages: list[Any] = []
+                for text in users:
+                    messages.append({"role": "user", "content": text})
+                    reply = client(live, key).chat.completions.create(model="m", messages=messages)
+                    messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+                    answers.setdefault(name, []).append(str(reply.choices[0].message.content))
+            assert answers["on"] == answers["off"]
 
 
 @pytest.mark.slow
