@@ -184,13 +184,18 @@ def settled(scheduler: main.BatchScheduler) -> None:
         time.sleep(0.01)
 
 
+def follow_up(engine: main.TransformersEngine, salt: str, first: str, then: str) -> list[dict[str, str]]:
+    """A second turn whose first turn (asked and answered now, as `salt`) is in the cache."""
+    base = [{"role": "user", "content": first}]
+    answer = turn(engine, base, salt=salt)[0]
+    return [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": then}]
+
+
 def test_two_concurrent_requests_on_one_entry_and_a_cancel_leave_it_whole(
     engines: tuple[main.TransformersEngine, main.TransformersEngine],
 ) -> None:
     on, off = engines
-    base = [{"role": "user", "content": "people walk along old streets under green trees"}]
-    answer = turn(on, base, salt="shared")[0]
-    follow = [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then"}]
+    follow = follow_up(on, "shared", "people walk along old streets under green trees", "and then")
     expected = turn(off, follow)[0]
     cancel = threading.Event()
     cancel.set()  # cancelled before its prefill from the entry runs
@@ -213,9 +218,7 @@ def test_n_choices_of_a_prompt_that_hits_are_the_choices_without_the_cache(
     engines: tuple[main.TransformersEngine, main.TransformersEngine],
 ) -> None:
     on, off = engines
-    base = [{"role": "user", "content": "the river runs through a city of light"}]
-    answer = turn(on, base, salt="n")[0]
-    follow = [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": "and the people"}]
+    follow = follow_up(on, "n", "the river runs through a city of light", "and the people")
     params = main.GenerationParams(max_new_tokens=10, temperature=1.0, seed=5, n=2, cache_salt="n")
 
     def choices(engine: main.TransformersEngine) -> list[tuple[str, int]]:
@@ -309,6 +312,6 @@ def test_a_responses_chain_and_legacy_completions_report_cached_tokens(server: L
     assert scored.usage is not None and scored.usage.prompt_tokens_details is None  # echo scores need every position
 
 
-def test_an_unlimited_budget_setting_is_refused() -> None:
+def test_a_budget_below_minus_one_is_refused() -> None:
     with pytest.raises(main.ConfigError, match="PREFIX_CACHE_BYTES must be -1"):
         main.Settings.from_env({"PREFIX_CACHE_BYTES": "-2"})
