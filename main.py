@@ -4076,6 +4076,77 @@ class RowSampler:
         return tokens
 
 
+class Batch:
+    """The running rows and their KV cache: one row per request, left-padded to the longest (a rectangle;
+    `mask` is 0 on padding), each row's newest token sampled but not yet in the cache."""
+
+    def __init__(self) -> None:
+        self.requests: list[BatchRequest] = []
+        self.cache: Any = None  # a DynamicCache of `GrowingLayer`s, one row per request
+        self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
+        self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def clear(self) -> None:
+        self.requests, self.cache, self.mask, self.next_tokens = [], None, None, None
+
+    def merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
+        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask. All or nothing:
+        a failure part-way (a `torch.cat` out of GPU memory, say) puts back the layers merged so far, so that only
+        the newcomers fail and the running rows go on. Keeping the old tensors until the end costs at most the
+        batch's old cache, and usually nothing: once stepped, a `GrowingLayer`'s buffers hold them anyway."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.cache is None:
+            self.requests.extend(requests)
+            self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
+        merged: list[tuple[Any, Any, Any]] = []  # (layer, its keys, its values) before the merge
+        try:
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+                values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+                merged.append((old, old.keys, old.values))
+                old.keys, old.values = keys, values
+            self.mask, self.next_tokens = (torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))]),
+                                           torch.cat([self.next_tokens, tokens.view(-1, 1)]))  # fmt: skip
+        except Exception:
+            for layer, keys, values in merged:
+                layer.keys, layer.values = keys, values
+            raise
+        self.requests.extend(requests)
+
+    def step_inputs(self) -> tuple[Any, Any, Any]:
+        """(input ids, attention mask, position ids) of the next decode step: the mask gains the new column."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
+        positions = torch.tensor([[r.cached] for r in self.requests], device=self.mask.device)
+        return self.next_tokens, self.mask, positions
+
+    def keep(self, keep: list[int]) -> None:
+        """Keeps the rows at `keep`, then drops left-padding columns that no remaining row needs."""
+        if not keep:
+            self.clear()
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.requests = [self.requests[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_tokens = self.mask[index], self.next_tokens[index]
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
 class BatchScheduler:
     """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
     next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
@@ -4101,10 +4172,7 @@ class BatchScheduler:
         self.rows_sampler = RowSampler(Sampler(loaded.model.generation_config), self.eos_index, max_batch, self._fail)
         self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch)
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
-        self.active: list[BatchRequest] = []
-        self.cache: Any = None  # a DynamicCache with one row per active request
-        self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
-        self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
+        self.batch = Batch()
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
@@ -4121,11 +4189,11 @@ class BatchScheduler:
                     self._drop_cancelled()
                     if self.chunked is not None:
                         self._prefill_chunk(self.chunked)
-                    if self.active:
+                    if self.batch:
                         self._step()
             except Exception as exc:  # the batch is lost; every request in it gets the error
-                self._fail(self.active, exc, "batched generation")
-                self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
+                self._fail(self.batch.requests, exc, "batched generation")
+                self.batch.clear()
 
     def _admit(self) -> None:
         """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
@@ -4149,10 +4217,10 @@ class BatchScheduler:
                 self._fail([r for family in group for r in family], exc, "prefill")
 
     def _rows(self) -> int:
-        return len(self.active) + (len(self.chunked.family) if self.chunked is not None else 0)
+        return len(self.batch) + (len(self.chunked.family) if self.chunked is not None else 0)
 
     def _idle(self) -> bool:
-        return not self.active and self.chunked is None
+        return not self.batch and self.chunked is None
 
     def _fail(self, requests: list[BatchRequest], exc: Exception, what: str) -> None:
         log.exception("%s failed", what)
@@ -4198,7 +4266,7 @@ class BatchScheduler:
         import numpy as np
 
         fed = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, dtype=np.int64)])
-        self._remember(request, fed[: request.cached], row, self.cache)
+        self._remember(request, fed[: request.cached], row, self.batch.cache)
 
     def _prefill(self, group: list[Family]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -4283,7 +4351,7 @@ class BatchScheduler:
         for request in requests:
             prepare_row(request, vocab_size(self.loaded))
         tokens = self.rows_sampler.sample(logits[:, -1, :], requests)
-        self._merge(requests, cache, mask, tokens)
+        self.batch.merge(requests, cache, mask, tokens)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
             if request.params.max_new_tokens == 0:
@@ -4292,51 +4360,14 @@ class BatchScheduler:
             self._emit(request, int(token))
         self._retire()
 
-    def _merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
-        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask. All or nothing:
-        a failure part-way (a `torch.cat` out of GPU memory, say) puts back the layers merged so far, so that only
-        the newcomers fail and the running rows go on. Keeping the old tensors until the end costs at most the
-        batch's old cache, and usually nothing: once stepped, a `GrowingLayer`'s buffers hold them anyway."""
-        import torch
-        import torch.nn.functional as F
-
-        if self.cache is None:
-            self.active.extend(requests)
-            self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
-        merged: list[tuple[Any, Any, Any]] = []  # (layer, its keys, its values) before the merge
-        try:
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-                values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-                merged.append((old, old.keys, old.values))
-                old.keys, old.values = keys, values
-            self.mask, self.next_tokens = (torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))]),
-                                           torch.cat([self.next_tokens, tokens.view(-1, 1)]))  # fmt: skip
-        except Exception:
-            for layer, keys, values in merged:
-                layer.keys, layer.values = keys, values
-            raise
-        self.active.extend(requests)
-
     def _step(self) -> None:
-        import torch
-
-        rows = len(self.active)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
-        positions = torch.tensor([[r.cached] for r in self.active], device=self.mask.device)
-        logits = self.loaded.model(
-            input_ids=self.next_tokens,
-            attention_mask=self.mask,
-            position_ids=positions,
-            **{self.cache_kw: self.cache},
-            use_cache=True,
-        ).logits
-        tokens = self.rows_sampler.sample(logits[:, -1, :], self.active)
-        self.next_tokens = tokens.view(rows, 1)
-        for request, token in zip(self.active, tokens.tolist(), strict=True):
+        batch = self.batch
+        ids, mask, positions = batch.step_inputs()
+        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
+        tokens = self.rows_sampler.sample(logits[:, -1, :], batch.requests)
+        batch.next_tokens = tokens.view(-1, 1)
+        for request, token in zip(batch.requests, tokens.tolist(), strict=True):
             request.cached += 1
             self._emit(request, int(token))
         self._retire()
@@ -4371,33 +4402,20 @@ class BatchScheduler:
             family, self.chunked = self.chunked.family, None  # before finish(): its reader may look at once
             for request in family:
                 request.finish("cancelled")
-        for request in self.active:
+        for request in self.batch.requests:
             if request.stopped and not request.done:
                 request.finish("cancelled")  # stops at this step: its row is not computed again
         self._retire()
 
     def _retire(self) -> None:
         """Drops finished rows from the batch, then left-padding columns that no remaining row needs."""
-        keep = [i for i, request in enumerate(self.active) if not request.done]
-        if len(keep) == len(self.active):
+        keep = [i for i, request in enumerate(self.batch.requests) if not request.done]
+        if len(keep) == len(self.batch):
             return
-        for row, request in enumerate(self.active):
+        for row, request in enumerate(self.batch.requests):
             if request.done and request.cached > 1:
                 self._remember_answer(request, row)
-        if not keep:
-            self.active, self.cache, self.mask, self.next_tokens = [], None, None, None
-            return
-        import torch
-
-        index = torch.tensor(keep, device=self.mask.device)
-        self.active = [self.active[i] for i in keep]
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_tokens = self.mask[index], self.next_tokens[index]
-        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
-        if unused:
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        self.batch.keep(keep)
 
 
 def batchable(loaded: LoadedModel) -> bool:

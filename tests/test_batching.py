@@ -502,7 +502,7 @@ def test_a_failed_step_fails_the_batch_and_the_next_request_is_served(
     scheduler._step = failing_step  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match=r"^step broke$"):
         run(engine, QUESTIONS[0], greedy(10))
-    assert (scheduler.active, scheduler.cache) == ([], None)
+    assert (scheduler.batch.requests, scheduler.batch.cache) == ([], None)
     assert run(engine, QUESTIONS[1], greedy(10)) == run(reference, QUESTIONS[1], greedy(10))
 
 
@@ -542,8 +542,8 @@ def test_a_merge_that_fails_part_way_fails_only_the_newcomers(
     def join_breaking_the_last_layer(
         requests: list[main.BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any
     ) -> None:
-        if scheduler.cache is not None:  # joining a running batch: layer 0 merges, the last layer cannot
-            padded_old.append(mask.shape[1] > scheduler.mask.shape[1])
+        if scheduler.batch.cache is not None:  # joining a running batch: layer 0 merges, the last layer cannot
+            padded_old.append(mask.shape[1] > scheduler.batch.mask.shape[1])
             cache.layers[-1].keys = cache.layers[-1].keys[:, :1]  # one head too few: its torch.cat raises
         join(requests, lengths, cache, mask, logits)
         decoding.set()
