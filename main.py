@@ -158,6 +158,15 @@ def shutdown_seconds(platform: str) -> tuple[float, float]:
     return (4.0, 2.0) if platform == "win32" else (10.0, 5.0)
 
 
+def size_text(nbytes: float) -> str:
+    """A byte count for people: "1.50 GiB", "640.0 KiB"."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"
+
+
 def at_least(default: Any, minimum: int) -> Any:
     """A setting's Field with its floor; a failure says "at least 1" (or "0 or more") as the variable's message."""
     return Field(default=default, ge=minimum, description=f"at least {minimum}" if minimum else "0 or more")
@@ -204,6 +213,9 @@ class Settings(BaseModel):
     max_batch_size: int = at_least(8, 1)  # rows stepped together by the continuous batch
     prefix_cache_bytes: int = Field(default=-1, ge=-1, description="-1 (auto), 0 (off) or a byte count")
     # ^ KV of earlier prompts kept for reuse; -1 = 1 GiB on CPU, 15% of a GPU; 0 = off
+    kv_cache_bytes: int = Field(default=-1, ge=-1, description="-1 (auto), 0 (no budget) or a byte count")
+    # ^ what the batch's KV (and the prefix cache) may hold; -1 = the memory free once the model is loaded, less
+    # headroom (GPU: 10% of the card, at least 1 GiB; CPU: half the RAM available)
     batching: Literal["auto", "off"] = one_of("auto", "auto", "off")  # off = one generate() per request
     prefill_batch_tokens: int = at_least(0, 0)  # prompt tokens (padded) per prefill forward; 0 = 256 CPU, 4096 GPU
     max_queued_requests: int = at_least(16, 0)  # waiting beyond the running ones; past this, 429
@@ -831,6 +843,9 @@ class Health(BaseModel):
     sessions_continued: int = 0  # unfinished sessions this process continued at start-up (PERSIST_SESSIONS=1)
     device: str | None = None  # where the model runs, once loaded: "cuda:0 (NVIDIA ...)" or "cpu"
     dtype: str | None = None  # its weights' dtype, once loaded
+    kv_cache_bytes: int | None = None  # KV the batch holds (padding included) with the prefix cache; None: no batch
+    kv_cache_budget_bytes: int | None = None  # KV_CACHE_BYTES as bytes; 0: no budget
+    requests_waiting_for_memory: int | None = None  # rows held back until the KV budget has room
 
 
 class Ready(BaseModel):
@@ -901,6 +916,12 @@ class ModelNotReady(APIError):
 
 class StoreUnavailable(APIError):
     status, type, code = 503, "service_unavailable_error", "session_store_unavailable"
+
+
+class DeviceOutOfMemory(APIError):
+    """A request the device ran out of memory for while it ran alone (with others, it is preempted instead)."""
+
+    status, type, code = 503, "service_unavailable_error", "out_of_memory"
 
 
 def make_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -1007,6 +1028,7 @@ class GenerationParams:
     cache_salt: str = ""  # whose prompts these are (the API key's owner id): prefix-cache entries never cross owners
     score_end_token: bool = False  # a generated end-of-text token gets its logprob entry too (legacy completions:
     # lm-evaluation-harness reads the last entry as the generated token's; chat, as OpenAI's, lists text tokens only)
+    asked_max_tokens: bool = False  # max_new_tokens is the request's own (past the context: a 400), not a default
 
     @property
     def adjusts_logits(self) -> bool:
@@ -1155,6 +1177,10 @@ class Engine(Protocol):
 
     def prefix_cache_stats(self) -> dict[str, int]: ...  # lookups, hits, reused_tokens, ..., bytes; {} when none
 
+    def kv_stats(self) -> dict[str, int]: ...  # bytes, peak_bytes, budget_bytes, waiting_rows, preempted; {} when none
+
+    def kv_limit(self) -> KvLimit | None: ...  # what the KV budget holds for one request; None: no budget
+
     def load_error(self) -> str | None: ...
 
     def load(self) -> None: ...
@@ -1214,10 +1240,37 @@ def check_message_count(request: ChatCompletionRequest, max_messages: int) -> No
         raise BadRequest(f"too many messages: {len(request.messages)} (at most {max_messages})", param="messages")
 
 
+@dataclass(frozen=True)
+class KvLimit:
+    """What the KV budget holds for one request: its prompt and answer together, in tokens."""
+
+    tokens: int
+    budget_bytes: int
+
+
+def check_token_limit(params: GenerationParams, prompt_tokens: int, limit: int, what: str) -> GenerationParams:
+    """A prompt that reaches `limit` (the context, or what the KV budget holds for one request), or with the
+    max_tokens it asked for passes it, is refused with the figures; a default max_tokens is capped instead."""
+    if prompt_tokens >= limit:
+        raise BadRequest(f"{what} is {limit} tokens. However, your messages resulted in {prompt_tokens} tokens.",
+                         param="messages", code="context_length_exceeded")  # fmt: skip
+    if params.asked_max_tokens and prompt_tokens + params.max_new_tokens > limit:
+        raise BadRequest(
+            f"{what} is {limit} tokens. However, you requested {prompt_tokens + params.max_new_tokens} tokens "
+            f"({prompt_tokens} in the messages, {params.max_new_tokens} in the completion). Please reduce the "
+            "length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return replace(params, max_new_tokens=min(params.max_new_tokens, limit - prompt_tokens))
+
+
 def fit_to_context(
-    params: GenerationParams, prompt_tokens: int, context_tokens: int | None, max_prompt_tokens: int
-) -> GenerationParams:
-    """Refuses a prompt past the context or MAX_PROMPT_TOKENS; caps max_new_tokens to the context left."""
+    params: GenerationParams, prompt_tokens: int, context_tokens: int | None, max_prompt_tokens: int,
+    kv: KvLimit | None = None,
+) -> GenerationParams:  # fmt: skip
+    """Refuses a prompt past the context, MAX_PROMPT_TOKENS or what the KV budget holds for one request, and an
+    asked-for max_tokens past the context or the budget; caps a default max_tokens to what is left."""
     if max_prompt_tokens and prompt_tokens > max_prompt_tokens:
         raise BadRequest(
             f"The server's prompt limit (MAX_PROMPT_TOKENS) is {max_prompt_tokens} tokens. "
@@ -1225,16 +1278,12 @@ def fit_to_context(
             param="messages",
             code="context_length_exceeded",
         )
-    if context_tokens is None:
-        return params
-    if prompt_tokens >= context_tokens:
-        raise BadRequest(
-            f"This model's maximum context length is {context_tokens} tokens. "
-            f"However, your messages resulted in {prompt_tokens} tokens.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    return replace(params, max_new_tokens=min(params.max_new_tokens, context_tokens - prompt_tokens))
+    if context_tokens is not None:
+        params = check_token_limit(params, prompt_tokens, context_tokens, "This model's maximum context length")
+    if kv is not None:
+        what = f"The server's KV cache budget (KV_CACHE_BYTES, {size_text(kv.budget_bytes)}) for one request"
+        params = check_token_limit(params, prompt_tokens, kv.tokens, what)
+    return params
 
 
 def parse_resume_point(header: str | None, query: str | None) -> tuple[str, int] | None:
@@ -1509,6 +1558,7 @@ def to_generation_params(request: ChatCompletionRequest, settings: Settings) -> 
     max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.max_tokens
     return replace(
         to_sampling_params(request, max_new_tokens, settings),
+        asked_max_tokens=bool(request.max_completion_tokens or request.max_tokens),
         constraint=to_tool_constraint(request) or to_constraint(request.response_format, settings.max_schema_bytes),
         parallel_tool_calls=request.parallel_tool_calls is not False,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
@@ -1528,6 +1578,7 @@ def to_completion_params(request: CompletionRequest, settings: Settings) -> Gene
         raise BadRequest("max_tokens 0 only makes sense with echo (to score the prompt)", param="max_tokens")
     max_new_tokens = settings.max_tokens if request.max_tokens is None else request.max_tokens
     return replace(to_sampling_params(request, max_new_tokens, settings), logprobs=request.logprobs,
+                   asked_max_tokens=request.max_tokens is not None,
                    prompt_logprobs=bool(request.echo) and request.logprobs is not None,
                    score_end_token=request.logprobs is not None)  # fmt: skip
 
@@ -3803,6 +3854,11 @@ ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free 
 KV_ROOM_TOKENS = 256  # a batch's key/value buffers grow by this many positions at a time
 
 
+def room(tokens: int) -> int:
+    """The positions a `GrowingLayer`'s buffers hold for `tokens`: rounded up to KV_ROOM_TOKENS."""
+    return -(-tokens // KV_ROOM_TOKENS) * KV_ROOM_TOKENS
+
+
 @functools.cache
 def growing_layer() -> type:
     """A `DynamicLayer` whose keys and values are views into a buffer with room to spare, so a decode step writes
@@ -3845,8 +3901,8 @@ def growing_layer() -> type:
         def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
             """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
             rows, heads, _, dim = like.shape
-            room = -(-needed // KV_ROOM_TOKENS) * KV_ROOM_TOKENS
-            buffers = like.new_empty((rows, heads, room, dim)), like.new_empty((rows, heads, room, dim))
+            shape = (rows, heads, room(needed), dim)
+            buffers = like.new_empty(shape), like.new_empty(shape)
             if length:
                 buffers[0][:, :, :length] = self.keys
                 buffers[1][:, :, :length] = self.values
@@ -3926,11 +3982,13 @@ class PrefixCache:
             self.stats["reused_tokens"] += best[1]
         return best
 
-    def store(self, salt: str, tokens: Any, layers: list[tuple[Any, Any]]) -> None:
-        """Keeps a copy of `layers` (views of a live cache) for `tokens`. An entry that is a prefix of another
-        is redundant and goes (the longer one serves every lookup it would)."""
+    def store(self, salt: str, tokens: Any, layers: list[tuple[Any, Any]], room: int | None = None) -> None:
+        """Keeps a copy of `layers` (views of a live cache) for `tokens`, within its budget and the `room` the
+        KV budget leaves it. An entry that is a prefix of another is redundant and goes (the longer one serves
+        every lookup it would)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if not self.budget or nbytes > self.budget or len(tokens) < 2:
+        limit = self.budget if room is None else min(self.budget, room)
+        if nbytes > limit or len(tokens) < 2:
             return
         for key, entry in list(self.entries.items()):
             if entry.salt != salt:
@@ -3941,17 +3999,116 @@ class PrefixCache:
                 return
             if shared == len(entry.tokens):
                 self._drop(key)
-        while self.held + nbytes > self.budget:
-            self._drop(next(iter(self.entries)))
-            self.stats["evictions"] += 1
+        self.shrink(limit - nbytes)
         entry = PrefixEntry(salt, tokens, [(k.clone(), v.clone()) for k, v in layers], nbytes)
         self.entries[id(entry)] = entry
         self.held += nbytes
         self.peak = max(self.peak, self.held)
         self.stats["stored"] += 1
 
+    def shrink(self, limit: int) -> None:
+        """Evicts the least recently used entries until at most `limit` bytes are held."""
+        while self.entries and self.held > limit:
+            self._drop(next(iter(self.entries)))
+            self.stats["evictions"] += 1
+
     def _drop(self, key: int) -> None:
         self.held -= self.entries.pop(key).nbytes
+
+
+KV_GPU_HEADROOM_SHARE = 0.1  # of a GPU's memory left out of the automatic KV budget, at least 1 GiB: activations
+KV_GPU_HEADROOM_MIN_BYTES = 1 << 30  # (a 4096-token prefill of Qwen3-4B: ~0.3 GB), the allocator's fragmentation
+KV_CPU_SHARE = 0.5  # of the RAM available once the model is loaded; the rest for the OS, other programs, activations
+KV_CPU_FALLBACK_BYTES = 4 << 30  # without psutil (it comes with accelerate), the automatic budget on a CPU
+KV_OUT_OF_MEMORY_SHARE = 0.9  # after an out-of-memory error, the budget drops to this share of what was held
+
+
+def kv_budget(setting: int, device: Any) -> int | None:
+    """KV_CACHE_BYTES as bytes, None for no budget (0). -1 (auto), measured once the model is loaded: on a GPU
+    its free memory less 10% of the card (at least 1 GiB); elsewhere half the RAM then available."""
+    if setting >= 0:
+        return setting or None
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        return max(free - max(KV_GPU_HEADROOM_MIN_BYTES, int(total * KV_GPU_HEADROOM_SHARE)), 0)
+    try:
+        import psutil
+    except ImportError:
+        log.warning("psutil is not installed: the KV budget is %d GiB (pip install psutil, or set KV_CACHE_BYTES)",
+                    KV_CPU_FALLBACK_BYTES >> 30)  # fmt: skip
+        return KV_CPU_FALLBACK_BYTES
+    return int(psutil.virtual_memory().available * KV_CPU_SHARE)
+
+
+def kv_token_bytes(model: Any) -> int:
+    """Bytes one token's keys and values take in the batch's cache: 2 x layers x KV heads x head size x the
+    dtype's size (Qwen3-4B in bfloat16: 144 KiB; SmolLM2-135M in float32: 45 KiB)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize)
+
+
+def cache_bytes(cache: Any) -> int:
+    """The bytes a cache really holds: the storage behind its layers' keys, values and buffers (padding and
+    room included), each counted once."""
+    storages: dict[int, int] = {}
+    for layer in cache.layers if cache is not None else ():
+        for tensor in (layer.keys, layer.values, *(getattr(layer, "buffers", None) or ())):
+            if tensor is not None and tensor.numel():
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The device's allocation failure: torch's `OutOfMemoryError` (CUDA and the other accelerators), or the CPU
+    allocator's RuntimeError ("can't allocate memory" on Linux, "not enough memory" on Windows)."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    )
+
+
+class KvBudget:
+    """The batch's KV memory against KV_CACHE_BYTES (None: no budget). What is held is measured in the layout
+    the cache really has (rows left-padded to the longest, buffers with room); what admitting rows needs is
+    planned from the token size: the merged rectangle with room for the next KV_ROOM_TOKENS tokens, twice (a
+    merge holds the old rows and their merged copy at once). Kept by the batch's thread; read whole by others."""
+
+    def __init__(self, budget: int | None, token_bytes: int) -> None:
+        self.budget, self.token_bytes = budget, token_bytes
+        self.held = self.peak = 0
+        self.waiting = 0  # rows held back for memory now
+        self.preempted = 0  # rows taken out of the batch for memory, in all
+        self.holding = False  # admission is holding requests back (logged once when it starts)
+
+    def limit(self) -> KvLimit | None:
+        """What one request may reach (prompt and answer), alone in the batch, with room to grow."""
+        if self.budget is None:
+            return None
+        tokens = self.budget // self.token_bytes // KV_ROOM_TOKENS * KV_ROOM_TOKENS - KV_ROOM_TOKENS
+        return KvLimit(max(tokens, 0), self.budget)
+
+    def rectangle(self, rows: int, width: int) -> int:
+        """Bytes of `rows` rows `width` positions wide, in buffers with room."""
+        return rows * room(width) * self.token_bytes
+
+    def merge_need(self, rows: int, width: int) -> int:
+        return 2 * self.rectangle(rows, width + KV_ROOM_TOKENS)
+
+    def note(self, held: int, transient: int = 0) -> None:
+        self.held = held
+        self.peak = max(self.peak, held + transient)
+
+    def stats(self) -> dict[str, int]:
+        return {"bytes": self.held, "peak_bytes": self.peak, "budget_bytes": self.budget or 0,
+                "waiting_rows": self.waiting, "preempted": self.preempted}  # fmt: skip
 
 
 @dataclass
@@ -3973,13 +4130,15 @@ def cache_keyword(model: Any) -> str:
 
 
 class PrefillQueue:
-    """The batch's waiting prompts and how they are taken: in arrival order, grouped for one prefill within the
-    padded-token budget, a prefix-cache hit alone (it starts from a cache of its own); each newcomer looked up
-    in the prefix cache once, when taken."""
+    """The batch's waiting prompts and how they are taken: rows preempted for memory first, then in arrival
+    order; grouped for one prefill within the padded-token budget and as long as the KV budget `fits` them, a
+    prefix-cache hit alone (it starts from a cache of its own); each looked up in the prefix cache when taken."""
 
-    def __init__(self, prefix: PrefixCache, prefill_tokens: int, max_batch: int) -> None:
-        self.prefix, self.prefill_tokens, self.max_batch = prefix, prefill_tokens, max_batch
+    def __init__(self, prefix: PrefixCache, prefill_tokens: int, max_batch: int,
+                 fits: Callable[[int, int], bool]) -> None:  # fmt: skip
+        self.prefix, self.prefill_tokens, self.max_batch, self.fits = prefix, prefill_tokens, max_batch, fits
         self.pending: queue.Queue[Family] = queue.Queue()
+        self.preempted: collections.deque[Family] = collections.deque()  # rows out of the batch for memory
         self.held: Family | None = None  # taken from `pending` but left for the next prefill group
 
     def next_group(self, rows: int, wait: bool) -> list[Family]:
@@ -4000,8 +4159,9 @@ class PrefillQueue:
             length = int(family[0].input_ids.shape[1])
             fits = rows + len(family) <= self.max_batch
             alone = family[0].hit is not None  # it starts from a cache of its own
-            if not fits or (alone and group) or not joins_prefill_group(len(group), longest, length,
-                                                                        self.prefill_tokens):  # fmt: skip
+            if (not fits or (alone and group) or not joins_prefill_group(len(group), longest, length,
+                                                                         self.prefill_tokens)
+                    or not self.fits(sum(map(len, group)) + len(family), max(longest, length))):  # fmt: skip
                 self.held = family  # first in line for the next group
                 break
             group.append(family)
@@ -4014,12 +4174,30 @@ class PrefillQueue:
         if self.held is not None:
             family, self.held = self.held, None
             return family
+        if self.preempted:
+            family = self.preempted.popleft()
+            self.look_up(family[0])
+            return family
         try:
             family = self.pending.get(timeout=BATCH_IDLE_WAIT_SECONDS) if block else self.pending.get_nowait()
         except queue.Empty:
             return None
         self.look_up(family[0])
         return family
+
+    def drop_stopped(self) -> None:
+        """Cancelled rows among those that wait for memory end now, not when memory frees."""
+        waiting = [self.held] if self.held is not None else []
+        for family in [*waiting, *self.preempted]:
+            if all(r.stopped for r in family):
+                for request in family:
+                    request.finish("cancelled")
+        self.preempted = collections.deque(f for f in self.preempted if not all(r.done for r in f))
+        if self.held is not None and all(r.done for r in self.held):
+            self.held = None
+
+    def waiting_rows(self) -> int:
+        return sum(map(len, self.preempted)) + (len(self.held) if self.held is not None else 0)
 
     def look_up(self, request: BatchRequest) -> None:
         """The longest cached prefix of a newcomer's prompt, once, when it is taken from the queue. Not for the
@@ -4121,6 +4299,17 @@ class Batch:
             raise
         self.requests.extend(requests)
 
+    def width(self) -> int:
+        return int(self.mask.shape[1]) if self.mask is not None else 0
+
+    def capacity(self) -> int:
+        """Positions the buffers hold before the next step must allocate (0: that step adopts the cache into new
+        buffers: after a merge, a trim, or a prefill)."""
+        layer = self.cache.layers[0] if self.cache is not None else None
+        if layer is None or layer.buffers is None or layer.keys is not layer.views[0]:
+            return 0
+        return int(layer.buffers[0].shape[-2])
+
     def step_inputs(self) -> tuple[Any, Any, Any]:
         """(input ids, attention mask, position ids) of the next decode step: the mask gains the new column."""
         import torch
@@ -4155,13 +4344,17 @@ class BatchScheduler:
     A prompt with n choices is prefilled once and its cache rows copied n times. Device-agnostic: plain tensor
     ops on the model's device."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0, prefix_cache_bytes: int = 0
-                 ) -> None:  # fmt: skip
+    def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0, prefix_cache_bytes: int = 0,
+                 kv_cache_bytes: int = 0) -> None:  # fmt: skip
         import torch
 
         self.loaded = loaded
         self.prefix = PrefixCache(prefix_cache_budget(prefix_cache_bytes, loaded.model.device))
-        log.info("prefix cache: %s", f"{self.prefix.budget / 2**30:.2f} GiB" if self.prefix.budget else "off")
+        log.info("prefix cache: %s", size_text(self.prefix.budget) if self.prefix.budget else "off")
+        self.kv = KvBudget(kv_budget(kv_cache_bytes, loaded.model.device), kv_token_bytes(loaded.model))
+        limit = self.kv.limit()
+        log.info("KV budget: %s (%s a token)", f"{size_text(limit.budget_bytes)}, {limit.tokens} tokens for one request"
+                 if limit else "none (KV_CACHE_BYTES=0)", size_text(self.kv.token_bytes))  # fmt: skip
         self.max_batch = max_batch
         on_cpu = loaded.model.device.type == "cpu"
         self.prefill_tokens = prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else ACCELERATOR_PREFILL_TOKENS)
@@ -4170,7 +4363,7 @@ class BatchScheduler:
         self.texts = TokenTexts(loaded.tokenizer)
         self.cache_kw = cache_keyword(loaded.model)
         self.rows_sampler = RowSampler(Sampler(loaded.model.generation_config), self.eos_index, max_batch, self._fail)
-        self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch)
+        self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch, self._fits)
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
         self.batch = Batch()
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
@@ -4191,9 +4384,91 @@ class BatchScheduler:
                         self._prefill_chunk(self.chunked)
                     if self.batch:
                         self._step()
-            except Exception as exc:  # the batch is lost; every request in it gets the error
-                self._fail(self.batch.requests, exc, "batched generation")
+            except Exception as exc:
+                if is_out_of_memory(exc) and len(self.batch) > 1:
+                    self._shed(exc)
+                    continue
+                self._fail(self.batch.requests, self._alone(exc), "batched generation")  # the batch is lost
                 self.batch.clear()
+
+    def _alone(self, exc: Exception) -> Exception:
+        """What a request that failed alone is told: out of memory, a clear 503; anything else as it is."""
+        if not is_out_of_memory(exc):
+            return exc
+        return DeviceOutOfMemory(f"the device ran out of memory for this request ({exc.__class__.__name__}); "
+                                 "retry it with fewer tokens, or lower KV_CACHE_BYTES")  # fmt: skip
+
+    def _shed(self, exc: Exception) -> None:
+        """After an out-of-memory error in a step (other programs on the GPU, fragmentation, a budget set too
+        high): the budget drops to 90% of what was held, the prefix cache empties, and every row is preempted;
+        none fails. They come back as the lowered budget allows."""
+        held = cache_bytes(self.batch.cache) + self.prefix.held
+        self.kv.budget = int(min(self.kv.budget or held, held) * KV_OUT_OF_MEMORY_SHARE)
+        log.warning("out of memory in a step of %d rows (%s): KV budget lowered to %s; the rows wait to be "
+                    "prefilled again", len(self.batch), exc.__class__.__name__, size_text(self.kv.budget))  # fmt: skip
+        self.prefix.shrink(0)
+        self._preempt(list(range(len(self.batch))))
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if self.loaded.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fits(self, rows: int, longest: int) -> bool:
+        """Whether `rows` more rows, the longest prompt `longest` tokens, may join now: the merged batch (with
+        a chunked prefill in progress, and room for the next tokens), twice, within the KV budget once the prefix
+        cache gives way. Always when nothing else runs: a request alone must make progress (the 400 at admission
+        keeps it within the budget)."""
+        kv = self.kv
+        chunked = self.chunked.family if self.chunked is not None else []
+        width = max(self.batch.width(), longest, int(chunked[0].input_ids.shape[1]) if chunked else 0)
+        need = kv.merge_need(self._rows() + rows, width)
+        if self._idle() or kv.budget is None or need <= kv.budget:
+            if kv.budget is not None:
+                self.prefix.shrink(kv.budget - need)
+            kv.holding, kv.waiting = False, self.queue.waiting_rows()
+            return True
+        if not kv.holding:
+            log.warning("KV budget: holding requests back for memory (%s held of %s; %d rows would need %s)",
+                        size_text(kv.held), size_text(kv.budget), self._rows() + rows, size_text(need))  # fmt: skip
+        kv.holding, kv.waiting = True, self.queue.waiting_rows() + rows
+        return False
+
+    def _preempt(self, rows: list[int]) -> None:
+        """Takes rows out of the batch, giving their memory back. Each goes to the front of the queue as it
+        stands (sampler, decoder, grammar, penalties), to be prefilled again from its prompt and the tokens it
+        has emitted: its stream pauses, then goes on; nothing sent is lost or sent twice. Exact for greedy up to
+        a prefill's numerics; a sampled row draws by (seed, position), so the same tokens."""
+        import torch
+
+        for row in reversed(rows):  # the oldest ends up first in line
+            request = self.batch.requests[row]
+            emitted = request.input_ids.new_tensor([request.history])
+            request.input_ids, request.history, request.hit = torch.cat([request.input_ids, emitted], dim=1), [], None
+            self.queue.preempted.appendleft([request])
+        self.kv.preempted += len(rows)
+        self.kv.waiting = self.queue.waiting_rows()
+        self.batch.keep([i for i in range(len(self.batch)) if i not in rows])
+        self._note_held()
+
+    def _note_held(self, transient: int = 0) -> None:
+        chunked = self.chunked.cache if self.chunked is not None else None
+        self.kv.note(cache_bytes(self.batch.cache) + cache_bytes(chunked) + self.prefix.held, transient)
+
+    def _make_room_for_step(self) -> None:
+        """Before a step that allocates the batch's buffers anew: if they would pass the budget, the prefix cache
+        gives way, then the youngest rows are preempted, until they fit. One row always stays (alone, it fits:
+        checked at admission)."""
+        kv, batch = self.kv, self.batch
+        while kv.budget is not None and batch.width() + 1 > batch.capacity():
+            chunked = cache_bytes(self.chunked.cache) if self.chunked is not None else 0
+            need = kv.rectangle(len(batch), batch.width() + 1) + chunked
+            if need <= kv.budget or len(batch) == 1:
+                self.prefix.shrink(kv.budget - need)
+                return
+            self._preempt([len(batch) - 1])
 
     def _admit(self) -> None:
         """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
@@ -4213,8 +4488,21 @@ class BatchScheduler:
                 continue
             try:
                 self._prefill(group)
-            except Exception as exc:  # only these requests fail; the batch goes on
-                self._fail([r for family in group for r in family], exc, "prefill")
+            except Exception as exc:  # only these requests fail, or wait; the batch goes on
+                self._failed_prefill(group, exc)
+
+    def _failed_prefill(self, group: list[Family], exc: Exception) -> None:
+        """Newcomers whose prefill failed: out of memory while others run, they wait at the front of the queue
+        (the budget lowered to 90% of what is held); otherwise they fail, and the batch goes on."""
+        if is_out_of_memory(exc) and self.batch:
+            self._note_held()
+            self.kv.budget = int(min(self.kv.budget or self.kv.held, self.kv.held) * KV_OUT_OF_MEMORY_SHARE)
+            log.warning("out of memory in a prefill beside %d rows: KV budget lowered to %s; the newcomers wait",
+                        len(self.batch), size_text(self.kv.budget))  # fmt: skip
+            self.queue.preempted.extendleft(reversed(group))
+            self._release_memory()
+            return
+        self._fail([r for family in group for r in family], self._alone(exc), "prefill")
 
     def _rows(self) -> int:
         return len(self.batch) + (len(self.chunked.family) if self.chunked is not None else 0)
@@ -4249,7 +4537,7 @@ class BatchScheduler:
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys[:, :, :shared], values[:, :, :shared]
         for request in family:
-            request.reused = shared
+            request.reused = request.reused if request.cached else shared  # a preempted row's usage stays
         return ChunkedPrefill(family, cache, done=shared)
 
     def _remember(self, request: BatchRequest, tokens: Any, row: int, cache: Any) -> None:
@@ -4258,7 +4546,9 @@ class BatchScheduler:
         if self.prefix.budget:
             n, rows = len(tokens), slice(row, row + 1)
             layers = [(layer.keys[rows, :, -n:], layer.values[rows, :, -n:]) for layer in cache.layers]
-            self.prefix.store(request.params.cache_salt, tokens, layers)
+            live = cache_bytes(self.batch.cache) + (cache_bytes(self.chunked.cache) if self.chunked else 0)
+            room = self.kv.budget - live if self.kv.budget is not None else None
+            self.prefix.store(request.params.cache_salt, tokens, layers, room)
 
     def _remember_answer(self, request: BatchRequest, row: int) -> None:
         """A finished row's prompt and answer: the next turn of a conversation starts with them when the chat
@@ -4303,6 +4593,7 @@ class BatchScheduler:
     def _send_prompt_scores(family: Family, scores: list[TokenScore]) -> None:
         for request in family:
             request.out.put(PromptScores(tuple(scores), request.choice))
+            request.params = replace(request.params, prompt_logprobs=False)  # once: a preempted row is not rescored
 
     def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
         """The next `prefill_tokens` of a long prompt into its own cache; after the last, it joins the batch."""
@@ -4331,17 +4622,16 @@ class BatchScheduler:
                 if scored:
                     self._send_prompt_scores(chunked.family, chunked.scores)
                 self._join([chunked.family], [length], chunked.cache, mask, logits[:, -1:, :])
-        except Exception as exc:  # only this request fails; the batch goes on
+        except Exception as exc:  # only this request fails, or waits; the batch goes on
             self.chunked = None
-            self._fail(chunked.family, exc, "prefill")
+            self._failed_prefill([chunked.family], exc)
 
     def _join(self, group: list[Family], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
-        """Copies each prompt's row once per choice, samples the first tokens, and merges the rows into the
-        batch. A choice asked for no new tokens (echo only) ends here."""
+        """Copies each prompt's row once per choice, samples the first tokens, merges the rows into the batch,
+        and keeps each prompt's KV in the prefix cache. A choice asked for no new tokens (echo only) ends here.
+        A preempted row comes back as it stood (its per-row state is not made again)."""
         import torch
 
-        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
-            self._remember(family[0], family[0].input_ids[0, :length].cpu().numpy(), row, cache)
         requests = [request for family in group for request in family]
         if len(requests) > len(group):
             index = torch.tensor([row for row, family in enumerate(group) for _ in family], device=mask.device)
@@ -4349,9 +4639,16 @@ class BatchScheduler:
             mask, logits = mask[index], logits[index]
             lengths = [length for length, family in zip(lengths, group, strict=True) for _ in family]
         for request in requests:
-            prepare_row(request, vocab_size(self.loaded))
+            if not request.cached:
+                prepare_row(request, vocab_size(self.loaded))
         tokens = self.rows_sampler.sample(logits[:, -1, :], requests)
+        first = len(self.batch)
         self.batch.merge(requests, cache, mask, tokens)
+        self._note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
+        row = first
+        for family in group:  # its prompt, as the last positions of its first row
+            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, self.batch.cache)
+            row += len(family)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
             if request.params.max_new_tokens == 0:
@@ -4361,7 +4658,9 @@ class BatchScheduler:
         self._retire()
 
     def _step(self) -> None:
+        self._make_room_for_step()
         batch = self.batch
+        grows = batch.width() + 1 > batch.capacity()
         ids, mask, positions = batch.step_inputs()
         logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                    **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
@@ -4370,6 +4669,8 @@ class BatchScheduler:
         for request, token in zip(batch.requests, tokens.tolist(), strict=True):
             request.cached += 1
             self._emit(request, int(token))
+        if grows:
+            self._note_held()
         self._retire()
 
     def _emit(self, request: BatchRequest, token: int) -> None:
@@ -4402,6 +4703,8 @@ class BatchScheduler:
             family, self.chunked = self.chunked.family, None  # before finish(): its reader may look at once
             for request in family:
                 request.finish("cancelled")
+        self.queue.drop_stopped()
+        self.kv.waiting = self.queue.waiting_rows()
         for request in self.batch.requests:
             if request.stopped and not request.done:
                 request.finish("cancelled")  # stops at this step: its row is not computed again
@@ -4416,6 +4719,7 @@ class BatchScheduler:
             if request.done and request.cached > 1:
                 self._remember_answer(request, row)
         self.batch.keep(keep)
+        self._note_held()
 
 
 def batchable(loaded: LoadedModel) -> bool:
@@ -4539,6 +4843,16 @@ class TransformersEngine:
         cache = scheduler.prefix
         return {**cache.stats, "bytes": cache.held, "peak_bytes": cache.peak, "budget_bytes": cache.budget}
 
+    def kv_stats(self) -> dict[str, int]:
+        scheduler = self._scheduler
+        return scheduler.kv.stats() if scheduler is not None else {}
+
+    def kv_limit(self) -> KvLimit | None:
+        """Made when first asked (the budget is measured once the model is loaded), by the batch: the generate()
+        path runs one request's choices at a time and has none."""
+        scheduler = self.scheduler_for(self.handle.get())
+        return scheduler.kv.limit() if scheduler is not None else None
+
     def load_error(self) -> str | None:
         return self.handle.error
 
@@ -4646,7 +4960,7 @@ class TransformersEngine:
         with self._scheduler_lock:
             if self._scheduler is None:
                 self._scheduler = BatchScheduler(loaded, settings.max_batch_size, settings.prefill_batch_tokens,
-                                                 settings.prefix_cache_bytes)  # fmt: skip
+                                                 settings.prefix_cache_bytes, settings.kv_cache_bytes)  # fmt: skip
         return self._scheduler
 
 
@@ -5830,16 +6144,25 @@ PREFIX_CACHE_COUNTERS = {
 }
 
 
-class PrefixCacheCollector:
-    """The engine's prefix-cache figures at each scrape (they are kept by the batch's thread, not here)."""
+class CacheCollector:
+    """The engine's prefix-cache and KV-budget figures at each scrape (kept by the batch's thread, not here)."""
 
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
-        self.stats = stats
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self.stats()
+        kv = self.engine.kv_stats()
+        yield GaugeMetricFamily("llm_kv_cache_bytes", "Bytes of KV held: the batch (padding and room included), a "
+                                "chunked prefill, the prefix cache", kv.get("bytes", 0))  # fmt: skip
+        yield GaugeMetricFamily("llm_kv_cache_peak_bytes", "The most held, merges included", kv.get("peak_bytes", 0))
+        yield GaugeMetricFamily("llm_kv_cache_budget_bytes", "KV_CACHE_BYTES as bytes (0: none, or not yet)",
+                                kv.get("budget_bytes", 0))  # fmt: skip
+        yield GaugeMetricFamily("llm_kv_waiting_rows", "Rows waiting for KV memory", kv.get("waiting_rows", 0))
+        yield CounterMetricFamily("llm_kv_preemptions", "Rows taken out of the batch for memory, to be prefilled "
+                                  "again", value=kv.get("preempted", 0))  # fmt: skip
+        stats = self.engine.prefix_cache_stats()
         for name, description in PREFIX_CACHE_COUNTERS.items():
             yield CounterMetricFamily(f"llm_prefix_cache_{name}", description, value=stats.get(name, 0))
         yield GaugeMetricFamily("llm_prefix_cache_bytes", "Bytes of KV the prefix cache holds", stats.get("bytes", 0))
@@ -6436,7 +6759,8 @@ async def start_completion(state: AppState, request: CompletionRequest, owner: s
         await load_engine(state.engine)
         prompts = [await asyncio.to_thread(state.engine.prepare_text, raw, params) for raw in raw_prompts]
         context, limit = state.engine.context_length(), state.settings.max_prompt_tokens
-        fitted = [fit_to_context(params, prompt.prompt_tokens, context, limit) for prompt in prompts]
+        kv = await asyncio.to_thread(state.engine.kv_limit)
+        fitted = [fit_to_context(params, prompt.prompt_tokens, context, limit, kv) for prompt in prompts]
         return min(fitted, key=lambda p: p.max_new_tokens), prompts
 
     return await start_generation(state, request.session_id, owner, prepare, meta, request.model_dump_json())
@@ -6451,8 +6775,9 @@ async def prepare_chat(state: AppState, request: ChatCompletionRequest) -> tuple
     template = TemplateInputs(to_template_tools(request), to_template_kwargs(request))
     await load_engine(state.engine)  # a cold load never blocks the event loop
     prompt = await asyncio.to_thread(state.engine.prepare, messages, params, template)
+    kv = await asyncio.to_thread(state.engine.kv_limit)
     params = fit_to_context(
-        params, prompt.prompt_tokens, state.engine.context_length(), state.settings.max_prompt_tokens
+        params, prompt.prompt_tokens, state.engine.context_length(), state.settings.max_prompt_tokens, kv
     )
     return params, prompt
 
@@ -7003,7 +7328,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     the journal opens in the lifespan."""
     engine = engine or TransformersEngine(settings)
     metrics = Metrics()
-    metrics.registry.register(PrefixCacheCollector(engine.prefix_cache_stats))
+    metrics.registry.register(CacheCollector(engine))
     state = AppState(
         settings=settings,
         engine=engine,
@@ -7204,8 +7529,15 @@ def add_model_routes(app: FastAPI, model_card: ModelCard) -> None:
         return model_card
 
 
-def placement_fields(placement: Placement | None) -> dict[str, str]:
+def placement_fields(placement: Placement | None) -> dict[str, Any]:
     return {"device": placement.device, "dtype": placement.dtype} if placement is not None else {}
+
+
+def kv_fields(stats: dict[str, int]) -> dict[str, Any]:
+    if not stats:
+        return {}
+    return {"kv_cache_bytes": stats["bytes"], "kv_cache_budget_bytes": stats["budget_bytes"],
+            "requests_waiting_for_memory": stats["waiting_rows"]}  # fmt: skip
 
 
 def add_health_routes(app: FastAPI, state: AppState) -> None:
@@ -7217,7 +7549,7 @@ def add_health_routes(app: FastAPI, state: AppState) -> None:
             status="ok", model=engine.model_name, model_loaded=engine.is_loaded(), model_error=engine.load_error(),
             generations_running=state.gate.running, generations_queued=state.gate.admitted - state.gate.running,
             sessions=len(state.store.sessions), persistence=state.persistence(), sessions_continued=state.continued,
-            **placement_fields(engine.placement()),
+            **placement_fields(engine.placement()), **kv_fields(engine.kv_stats()),
         )  # fmt: skip
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

@@ -893,6 +893,81 @@ def run_prefix_cache(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     return report, run_context(model_dir, args, f"prefix cache on vs off, {args.runs} rounds")
 
 
+LONG_PROMPT_TOKENS = 2000  # the agent's long context beside seven short chats (issue 31)
+SHORT_STREAMS = 7
+
+
+def long_prompt_body(new_tokens: int) -> dict[str, Any]:
+    """A ~2,000-token prompt (SmolLM2's tokenizer: ~10 tokens a subject) whose answer runs four times as long as
+    the short ones', so that its row stays beside theirs while they decode."""
+    words = " ".join(SUBJECTS[k % len(SUBJECTS)] for k in range(LONG_PROMPT_TOKENS // 10))
+    return {
+        "messages": [{"role": "user", "content": f"Summarise this log: {words}"}],
+        "max_tokens": 4 * new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def short_rows_tok_s(url: str, new_tokens: int, beside_long: bool) -> float:
+    """The seven short streams' tokens over the span from their first content to their last end, with the long
+    prompt's stream sent with them or not (one run: a job for `interleaved_rounds`)."""
+
+    def job(i: int) -> StreamResult:
+        if i == SHORT_STREAMS:
+            return stream_chat(url, long_prompt_body(new_tokens))
+        return stream_chat(url, chat_body(i, new_tokens, extra={"ignore_eos": True}))
+
+    results = all_at_once(SHORT_STREAMS + beside_long, job)[:SHORT_STREAMS]
+    span = max(r.end for r in results) - min(r.first_content or r.end for r in results)
+    return sum(r.tokens for r in results) / span
+
+
+def run_kv_budget(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
+    """The KV budget: one ~2,000-token prompt beside seven short ones, and the seven alone, on this tree and on
+    commit `args.against`, two servers side by side, interleaved: what the long row costs the short rows'
+    throughput, and the peak KV bytes this tree accounted (padding included)."""
+    report = Report()
+    model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
+    start = functools.partial(start_ours, model_dir, args.dtype, args.device, SHORT_STREAMS + 1)
+    servers = {"this tree": start("kv-tree"), args.against: start(f"kv-{args.against}", main_at(args.against))}
+    try:
+        jobs = {
+            f"{name}, {what}": functools.partial(short_rows_tok_s, server.url, args.new_tokens, beside)
+            for name, server in servers.items()
+            for what, beside in (("beside", True), ("alone", False))
+        }
+        rounds = interleaved_rounds(jobs, args.runs)  # fmt: skip
+        for name in servers:
+            beside, alone = rounds[f"{name}, beside"], rounds[f"{name}, alone"]
+            per_round = sorted(a / b for a, b in zip(beside, alone, strict=True))
+            report.add(f"short rows' tok/s beside the long one / alone: {name}",
+                       ratio(statistics.median(beside), statistics.median(alone)),
+                       f"{statistics.median(beside):.1f} vs {statistics.median(alone):.1f} tok/s; per-round "
+                       f"{per_round[0]:.2f}-{per_round[-1]:.2f}")  # fmt: skip
+        for what in ("beside", "alone"):
+            mine, theirs = rounds[f"this tree, {what}"], rounds[f"{args.against}, {what}"]
+            per_round = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+            report.add(f"short rows' tok/s {what}: this tree vs {args.against}",
+                       ratio(statistics.median(mine), statistics.median(theirs)),
+                       f"per-round {per_round[0]:.2f}-{per_round[-1]:.2f} over {args.runs} rounds")  # fmt: skip
+        url = servers["this tree"].url
+        peak, budget = metric(url, "llm_kv_cache_peak_bytes"), metric(url, "llm_kv_cache_budget_bytes")
+        report.add(
+            "peak KV bytes accounted (this tree)",
+            f"{peak / 2**20:.1f} MiB",
+            f"budget {budget / 2**20:.0f} MiB; preemptions {metric(url, 'llm_kv_preemptions_total'):.0f}",
+        )
+        for name, server in servers.items():
+            report.add(f"peak RSS: {name}", f"{server.rss_bytes()[1] / 2**20:.0f} MiB")
+    finally:
+        for server in servers.values():
+            server.stop()
+    return report, run_context(model_dir, args, f"KV budget: long beside short, {args.runs} rounds")
+
+
 def run_context(model_dir: Path, args: argparse.Namespace, what: str) -> dict[str, str]:
     import torch
     import transformers
@@ -1018,13 +1093,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short run for CI: 16 tokens, 1 run, 1,2 streams")
     parser.add_argument("--against", metavar="REV", help="only plain 1 and top streams, this tree vs commit REV")
     parser.add_argument("--prefix-cache", action="store_true", help="only the prefix cache: agent loop, on vs off")
+    parser.add_argument("--kv-budget", action="store_true",
+                        help="a 2,000-token prompt beside 7 short ones, this tree vs --against REV")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.runs, args.concurrency, args.sessions = 16, 1, "1,2", 20
     default = "RESULTS-quick.md" if args.quick else f"RESULTS-against-{args.against}.md" if args.against else ""
-    default = "RESULTS-prefix-cache.md" if args.prefix_cache else default
+    default = "RESULTS-prefix-cache.md" if args.prefix_cache else "RESULTS-kv-budget.md" if args.kv_budget else default
     output = args.output or (WORK / default if default else ROOT / "benchmarks" / "RESULTS.md")
-    runner = run_prefix_cache if args.prefix_cache else run_against if args.against else run
+    runner = (run_prefix_cache if args.prefix_cache else run_kv_budget if args.kv_budget
+              else run_against if args.against else run)  # fmt: skip
     report, context = runner(args)
     write_markdown(output, report, context, args.quick)
     print(f"\nwrote {output}")

@@ -128,6 +128,7 @@ class ScriptedEngine:
         self.fail_stream_after: int | None = None
         self.loaded = False
         self.context_tokens: int | None = None
+        self.kv_tokens: main.KvLimit | None = None
         self.active_threads = 0
         self.prompts: list[list[dict[str, Any]]] = []
 
@@ -139,6 +140,12 @@ class ScriptedEngine:
 
     def prefix_cache_stats(self) -> dict[str, int]:
         return {}
+
+    def kv_stats(self) -> dict[str, int]:
+        return {}
+
+    def kv_limit(self) -> main.KvLimit | None:
+        return self.kv_tokens
 
     def load_error(self) -> str | None:
         return self.fail_load_with

@@ -166,13 +166,46 @@ def test_prompt_past_the_limit_is_context_length_exceeded(context: int, max_prom
     }  # fmt: skip
 
 
-def test_max_tokens_is_capped_to_the_context_left() -> None:
+def test_a_default_max_tokens_is_capped_to_the_context_left() -> None:
     engine = ScriptedEngine(["w"] * 50, prompt_tokens=7)
     engine.context_tokens = 10
     with keyed_client(engine, api_key="") as client:
-        body = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 40}).json()
+        body = client.post("/v1/chat/completions", json={"messages": QUESTION}).json()
     assert body["choices"][0]["message"]["content"] == "www"
     assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]) == ("length", 3)
+
+
+KV_LIMIT = main.KvLimit(tokens=9, budget_bytes=3 << 29)
+
+
+@pytest.mark.parametrize(
+    ("context", "kv", "body", "message"),
+    [
+        (10, None, {"max_tokens": 4}, "This model's maximum context length is 10 tokens. However, you requested 11 "
+         "tokens (7 in the messages, 4 in the completion). Please reduce the length of the messages or completion."),
+        (None, KV_LIMIT, {"max_completion_tokens": 3}, "The server's KV cache budget (KV_CACHE_BYTES, 1.50 GiB) for "
+         "one request is 9 tokens. However, you requested 10 tokens (7 in the messages, 3 in the completion). Please "
+         "reduce the length of the messages or completion."),
+        (None, main.KvLimit(7, 1 << 30), {}, "The server's KV cache budget (KV_CACHE_BYTES, 1.00 GiB) for one "
+         "request is 7 tokens. However, your messages resulted in 7 tokens."),
+    ],
+)  # fmt: skip
+def test_a_request_that_can_never_fit_is_a_400_with_the_figures(
+    context: int | None, kv: main.KvLimit | None, body: dict[str, Any], message: str
+) -> None:
+    """Past the model's context or what the KV budget holds for one request: refused before any work, naming
+    the figures (OpenAI's wording). A default max_tokens is capped instead (above and below)."""
+    engine = ScriptedEngine(["w"] * 50, prompt_tokens=7)
+    engine.context_tokens, engine.kv_tokens = context, kv
+    with keyed_client(engine, api_key="") as client:
+        response = client.post("/v1/chat/completions", json={"messages": QUESTION, **body})
+        capped = client.post("/v1/chat/completions", json={"messages": QUESTION}).json()
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded",
+    }  # fmt: skip
+    if kv is KV_LIMIT:
+        assert capped["usage"]["completion_tokens"] == 2  # 9 - 7
 
 
 def test_generation_time_cap_ends_with_length_and_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
