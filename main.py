@@ -3728,6 +3728,7 @@ class BatchRequest:
     history: list[int] = field(default_factory=list)  # every token sampled for this row (the prefix cache's key)
     reused: int = 0  # prompt tokens read from the prefix cache instead of computed
     hit: tuple[PrefixEntry, int] | None = None  # the prefix-cache entry it starts from, and how many tokens of it
+    joined: int = 0  # its place in admission order (the youngest row is preempted first)
 
     @property
     def stopped(self) -> bool:
@@ -4020,6 +4021,7 @@ KV_GPU_HEADROOM_SHARE = 0.1  # of a GPU's memory left out of the automatic KV bu
 KV_GPU_HEADROOM_MIN_BYTES = 1 << 30  # (a 4096-token prefill of Qwen3-4B: ~0.3 GB), the allocator's fragmentation
 KV_CPU_SHARE = 0.5  # of the RAM available once the model is loaded; the rest for the OS, other programs, activations
 KV_CPU_FALLBACK_BYTES = 4 << 30  # without psutil (it comes with accelerate), the automatic budget on a CPU
+KV_GROUPS = 2  # groups of rows the batch may split into when a long row would widen short ones past the budget
 KV_OUT_OF_MEMORY_SHARE = 0.9  # after an out-of-memory error, the budget drops to this share of what was held
 
 
@@ -4102,6 +4104,23 @@ class KvBudget:
     def merge_need(self, rows: int, width: int) -> int:
         return 2 * self.rectangle(rows, width + KV_ROOM_TOKENS)
 
+    def place(self, shapes: list[tuple[int, int]], rows: int, longest: int, max_groups: int) -> tuple[int, int]:
+        """Where `rows` new rows (the longest `longest` tokens) go, given the groups' (rows, width), and what that
+        needs: the group to merge into that fits with the least memory, else a new group (index `len(shapes)`,
+        while fewer than `max_groups`: each group costs a forward pass a step), else the least needy (it does not
+        fit: they wait). A placement needs every group's rectangle with room for the next KV_ROOM_TOKENS tokens,
+        the target's twice (the merge)."""
+        base = sum(self.rectangle(r, w + KV_ROOM_TOKENS) for r, w in shapes)
+        needs = [base - self.rectangle(r, w + KV_ROOM_TOKENS) + self.merge_need(r + rows, max(w, longest))
+                 for r, w in shapes] + [base + self.merge_need(rows, longest)]  # fmt: skip
+        merges = sorted(range(len(shapes)), key=needs.__getitem__)
+        if merges and (self.fits(needs[merges[0]]) or len(shapes) >= max_groups):
+            return merges[0], needs[merges[0]]
+        return len(shapes), needs[-1]
+
+    def fits(self, need: int) -> bool:
+        return self.budget is None or need <= self.budget
+
     def note(self, held: int, transient: int = 0) -> None:
         self.held = held
         self.peak = max(self.peak, held + transient)
@@ -4117,6 +4136,7 @@ class ChunkedPrefill:
 
     family: Family
     cache: Any
+    target: Batch | None = None  # the group it joins (None: a new one), chosen at admission
     done: int = 0  # prompt tokens in `cache` so far
     scores: list[TokenScore] = field(default_factory=list)  # the prompt scored so far (echo with logprobs)
 
@@ -4365,7 +4385,9 @@ class BatchScheduler:
         self.rows_sampler = RowSampler(Sampler(loaded.model.generation_config), self.eos_index, max_batch, self._fail)
         self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch, self._fits)
         self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
-        self.batch = Batch()
+        self.batches: list[Batch] = []  # groups of rows, each its own rectangle and forward pass (KV_GROUPS)
+        self.target: Batch | None = None  # where the newcomers being admitted go (None: a new group)
+        self.joined = itertools.count()  # admission order: the youngest row is preempted first
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
@@ -4382,14 +4404,20 @@ class BatchScheduler:
                     self._drop_cancelled()
                     if self.chunked is not None:
                         self._prefill_chunk(self.chunked)
-                    if self.batch:
-                        self._step()
+                    for batch in list(self.batches):
+                        self._step(batch)
             except Exception as exc:
-                if is_out_of_memory(exc) and len(self.batch) > 1:
+                if is_out_of_memory(exc) and self._running() > 1:
                     self._shed(exc)
                     continue
-                self._fail(self.batch.requests, self._alone(exc), "batched generation")  # the batch is lost
-                self.batch.clear()
+                self._fail(self._requests(), self._alone(exc), "batched generation")  # the batch is lost
+                self.batches = []
+
+    def _requests(self) -> list[BatchRequest]:
+        return [request for batch in self.batches for request in batch.requests]
+
+    def _running(self) -> int:
+        return sum(map(len, self.batches))
 
     def _alone(self, exc: Exception) -> Exception:
         """What a request that failed alone is told: out of memory, a clear 503; anything else as it is."""
@@ -4402,12 +4430,13 @@ class BatchScheduler:
         """After an out-of-memory error in a step (other programs on the GPU, fragmentation, a budget set too
         high): the budget drops to 90% of what was held, the prefix cache empties, and every row is preempted;
         none fails. They come back as the lowered budget allows."""
-        held = cache_bytes(self.batch.cache) + self.prefix.held
+        held = sum(cache_bytes(batch.cache) for batch in self.batches) + self.prefix.held
         self.kv.budget = int(min(self.kv.budget or held, held) * KV_OUT_OF_MEMORY_SHARE)
         log.warning("out of memory in a step of %d rows (%s): KV budget lowered to %s; the rows wait to be "
-                    "prefilled again", len(self.batch), exc.__class__.__name__, size_text(self.kv.budget))  # fmt: skip
+                    "prefilled again", self._running(), exc.__class__.__name__, size_text(self.kv.budget))  # fmt: skip
         self.prefix.shrink(0)
-        self._preempt(list(range(len(self.batch))))
+        for batch in list(self.batches):
+            self._preempt(batch, list(range(len(batch))))
         self._release_memory()
 
     def _release_memory(self) -> None:
@@ -4416,59 +4445,78 @@ class BatchScheduler:
         if self.loaded.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _shapes(self) -> list[tuple[int, int]]:
+        """Each group's (rows, width) as admission plans it: a chunked prefill in progress counted in its target."""
+        shapes = [(len(batch), batch.width()) for batch in self.batches]
+        if self.chunked is not None:
+            rows, width = len(self.chunked.family), int(self.chunked.family[0].input_ids.shape[1])
+            if self.chunked.target in self.batches:
+                i = self.batches.index(self.chunked.target)
+                shapes[i] = (shapes[i][0] + rows, max(shapes[i][1], width))
+            else:
+                shapes.append((rows, width))
+        return shapes
+
     def _fits(self, rows: int, longest: int) -> bool:
-        """Whether `rows` more rows, the longest prompt `longest` tokens, may join now: the merged batch (with
-        a chunked prefill in progress, and room for the next tokens), twice, within the KV budget once the prefix
-        cache gives way. Always when nothing else runs: a request alone must make progress (the 400 at admission
-        keeps it within the budget)."""
+        """Whether `rows` more rows, the longest prompt `longest` tokens, may join now, and where
+        (`KvBudget.place`: a group they fit in, or a group of their own, so that a long row does not widen short
+        ones past the budget); the prefix cache gives way. Always when nothing else runs: a request alone must make
+        progress (the 400 at admission keeps it within the budget)."""
         kv = self.kv
-        chunked = self.chunked.family if self.chunked is not None else []
-        width = max(self.batch.width(), longest, int(chunked[0].input_ids.shape[1]) if chunked else 0)
-        need = kv.merge_need(self._rows() + rows, width)
-        if self._idle() or kv.budget is None or need <= kv.budget:
-            if kv.budget is not None:
-                self.prefix.shrink(kv.budget - need)
+        place, need = kv.place(self._shapes(), rows, longest, KV_GROUPS)
+        if self._idle() or kv.fits(need):
+            self.target = self.batches[place] if place < len(self.batches) else None
+            self.prefix.shrink(kv.budget - need if kv.budget is not None else self.prefix.budget)
             kv.holding, kv.waiting = False, self.queue.waiting_rows()
             return True
         if not kv.holding:
-            log.warning("KV budget: holding requests back for memory (%s held of %s; %d rows would need %s)",
-                        size_text(kv.held), size_text(kv.budget), self._rows() + rows, size_text(need))  # fmt: skip
+            log.warning("KV budget: holding requests back for memory (%s held of %s; %d more rows would need %s)",
+                        size_text(kv.held), size_text(kv.budget or 0), rows, size_text(need))  # fmt: skip
         kv.holding, kv.waiting = True, self.queue.waiting_rows() + rows
         return False
 
-    def _preempt(self, rows: list[int]) -> None:
-        """Takes rows out of the batch, giving their memory back. Each goes to the front of the queue as it
+    def _preempt(self, batch: Batch, rows: list[int]) -> None:
+        """Takes rows out of a group, giving their memory back. Each goes to the front of the queue as it
         stands (sampler, decoder, grammar, penalties), to be prefilled again from its prompt and the tokens it
         has emitted: its stream pauses, then goes on; nothing sent is lost or sent twice. Exact for greedy up to
         a prefill's numerics; a sampled row draws by (seed, position), so the same tokens."""
         import torch
 
-        for row in reversed(rows):  # the oldest ends up first in line
-            request = self.batch.requests[row]
+        for row in sorted(rows, key=lambda row: batch.requests[row].joined, reverse=True):  # the oldest first in line
+            request = batch.requests[row]
             emitted = request.input_ids.new_tensor([request.history])
             request.input_ids, request.history, request.hit = torch.cat([request.input_ids, emitted], dim=1), [], None
             self.queue.preempted.appendleft([request])
         self.kv.preempted += len(rows)
         self.kv.waiting = self.queue.waiting_rows()
-        self.batch.keep([i for i in range(len(self.batch)) if i not in rows])
+        self._keep(batch, [i for i in range(len(batch)) if i not in rows])
+
+    def _keep(self, batch: Batch, keep: list[int]) -> None:
+        batch.keep(keep)
+        if not batch:
+            self.batches.remove(batch)
         self._note_held()
 
     def _note_held(self, transient: int = 0) -> None:
         chunked = self.chunked.cache if self.chunked is not None else None
-        self.kv.note(cache_bytes(self.batch.cache) + cache_bytes(chunked) + self.prefix.held, transient)
+        live = sum(cache_bytes(batch.cache) for batch in self.batches) + cache_bytes(chunked)
+        self.kv.note(live + self.prefix.held, transient)
 
-    def _make_room_for_step(self) -> None:
-        """Before a step that allocates the batch's buffers anew: if they would pass the budget, the prefix cache
-        gives way, then the youngest rows are preempted, until they fit. One row always stays (alone, it fits:
-        checked at admission)."""
-        kv, batch = self.kv, self.batch
-        while kv.budget is not None and batch.width() + 1 > batch.capacity():
+    def _make_room_for_step(self, batch: Batch) -> None:
+        """Before a step that allocates a group's buffers anew: if every group together would pass the budget,
+        the prefix cache gives way, then the youngest rows of any group are preempted, until they fit. One row
+        always stays (alone, it fits: checked at admission)."""
+        kv = self.kv
+        while kv.budget is not None and batch and batch.width() + 1 > batch.capacity():
+            others = sum(cache_bytes(b.cache) for b in self.batches if b is not batch)
             chunked = cache_bytes(self.chunked.cache) if self.chunked is not None else 0
-            need = kv.rectangle(len(batch), batch.width() + 1) + chunked
-            if need <= kv.budget or len(batch) == 1:
+            need = kv.rectangle(len(batch), batch.width() + 1) + others + chunked
+            if need <= kv.budget or self._running() == 1:
                 self.prefix.shrink(kv.budget - need)
                 return
-            self._preempt([len(batch) - 1])
+            group, row = max(((b, i) for b in self.batches for i in range(len(b))),
+                             key=lambda found: found[0].requests[found[1]].joined)  # fmt: skip
+            self._preempt(group, [row])
 
     def _admit(self) -> None:
         """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
@@ -4494,21 +4542,21 @@ class BatchScheduler:
     def _failed_prefill(self, group: list[Family], exc: Exception) -> None:
         """Newcomers whose prefill failed: out of memory while others run, they wait at the front of the queue
         (the budget lowered to 90% of what is held); otherwise they fail, and the batch goes on."""
-        if is_out_of_memory(exc) and self.batch:
+        if is_out_of_memory(exc) and self.batches:
             self._note_held()
             self.kv.budget = int(min(self.kv.budget or self.kv.held, self.kv.held) * KV_OUT_OF_MEMORY_SHARE)
             log.warning("out of memory in a prefill beside %d rows: KV budget lowered to %s; the newcomers wait",
-                        len(self.batch), size_text(self.kv.budget))  # fmt: skip
+                        self._running(), size_text(self.kv.budget))  # fmt: skip
             self.queue.preempted.extendleft(reversed(group))
             self._release_memory()
             return
         self._fail([r for family in group for r in family], self._alone(exc), "prefill")
 
     def _rows(self) -> int:
-        return len(self.batch) + (len(self.chunked.family) if self.chunked is not None else 0)
+        return self._running() + (len(self.chunked.family) if self.chunked is not None else 0)
 
     def _idle(self) -> bool:
-        return not self.batch and self.chunked is None
+        return not self.batches and self.chunked is None
 
     def _fail(self, requests: list[BatchRequest], exc: Exception, what: str) -> None:
         log.exception("%s failed", what)
@@ -4530,7 +4578,7 @@ class BatchScheduler:
         copies them into buffers of the row's own, so the entry is never written)."""
         hit = family[0].hit
         if hit is None:
-            return ChunkedPrefill(family, self._new_cache())
+            return ChunkedPrefill(family, self._new_cache(), self.target)
         entry, shared = hit
         cache = self._new_cache()
         for layer, (keys, values) in zip(cache.layers, entry.layers, strict=True):
@@ -4538,7 +4586,7 @@ class BatchScheduler:
             layer.keys, layer.values = keys[:, :, :shared], values[:, :, :shared]
         for request in family:
             request.reused = request.reused if request.cached else shared  # a preempted row's usage stays
-        return ChunkedPrefill(family, cache, done=shared)
+        return ChunkedPrefill(family, cache, self.target, done=shared)
 
     def _remember(self, request: BatchRequest, tokens: Any, row: int, cache: Any) -> None:
         """`tokens` (int64 array) and their KV, the last `len(tokens)` positions of `row` in `cache`, into the
@@ -4546,17 +4594,17 @@ class BatchScheduler:
         if self.prefix.budget:
             n, rows = len(tokens), slice(row, row + 1)
             layers = [(layer.keys[rows, :, -n:], layer.values[rows, :, -n:]) for layer in cache.layers]
-            live = cache_bytes(self.batch.cache) + (cache_bytes(self.chunked.cache) if self.chunked else 0)
+            live = sum(cache_bytes(b.cache) for b in self.batches) + cache_bytes(self.chunked and self.chunked.cache)
             room = self.kv.budget - live if self.kv.budget is not None else None
             self.prefix.store(request.params.cache_salt, tokens, layers, room)
 
-    def _remember_answer(self, request: BatchRequest, row: int) -> None:
+    def _remember_answer(self, request: BatchRequest, row: int, batch: Batch) -> None:
         """A finished row's prompt and answer: the next turn of a conversation starts with them when the chat
         template writes the answer back as it was generated."""
         import numpy as np
 
         fed = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, dtype=np.int64)])
-        self._remember(request, fed[: request.cached], row, self.batch.cache)
+        self._remember(request, fed[: request.cached], row, batch.cache)
 
     def _prefill(self, group: list[Family]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -4621,6 +4669,7 @@ class BatchScheduler:
                 self.chunked = None
                 if scored:
                     self._send_prompt_scores(chunked.family, chunked.scores)
+                self.target = chunked.target
                 self._join([chunked.family], [length], chunked.cache, mask, logits[:, -1:, :])
         except Exception as exc:  # only this request fails, or waits; the batch goes on
             self.chunked = None
@@ -4641,13 +4690,17 @@ class BatchScheduler:
         for request in requests:
             if not request.cached:
                 prepare_row(request, vocab_size(self.loaded))
+                request.joined = next(self.joined)
         tokens = self.rows_sampler.sample(logits[:, -1, :], requests)
-        first = len(self.batch)
-        self.batch.merge(requests, cache, mask, tokens)
+        batch = self.target if self.target in self.batches else Batch()  # the group admission chose, or a new one
+        first = len(batch)
+        batch.merge(requests, cache, mask, tokens)
+        if not first:
+            self.batches.append(batch)
         self._note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
         row = first
         for family in group:  # its prompt, as the last positions of its first row
-            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, self.batch.cache)
+            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, batch.cache)
             row += len(family)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
@@ -4655,11 +4708,12 @@ class BatchScheduler:
                 request.finish("length")
                 continue
             self._emit(request, int(token))
-        self._retire()
+        self._retire(batch)
 
-    def _step(self) -> None:
-        self._make_room_for_step()
-        batch = self.batch
+    def _step(self, batch: Batch) -> None:
+        self._make_room_for_step(batch)
+        if not batch:
+            return  # all of it preempted
         grows = batch.width() + 1 > batch.capacity()
         ids, mask, positions = batch.step_inputs()
         logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -4671,7 +4725,7 @@ class BatchScheduler:
             self._emit(request, int(token))
         if grows:
             self._note_held()
-        self._retire()
+        self._retire(batch)
 
     def _emit(self, request: BatchRequest, token: int) -> None:
         if request.done:
@@ -4705,21 +4759,22 @@ class BatchScheduler:
                 request.finish("cancelled")
         self.queue.drop_stopped()
         self.kv.waiting = self.queue.waiting_rows()
-        for request in self.batch.requests:
-            if request.stopped and not request.done:
-                request.finish("cancelled")  # stops at this step: its row is not computed again
-        self._retire()
+        for batch in list(self.batches):
+            for request in batch.requests:
+                if request.stopped and not request.done:
+                    request.finish("cancelled")  # stops at this step: its row is not computed again
+            self._retire(batch)
 
-    def _retire(self) -> None:
-        """Drops finished rows from the batch, then left-padding columns that no remaining row needs."""
-        keep = [i for i, request in enumerate(self.batch.requests) if not request.done]
-        if len(keep) == len(self.batch):
+    def _retire(self, batch: Batch) -> None:
+        """Drops a group's finished rows (their prompt and answer into the prefix cache), then the left-padding
+        columns that no remaining row needs; an empty group goes."""
+        keep = [i for i, request in enumerate(batch.requests) if not request.done]
+        if len(keep) == len(batch):
             return
-        for row, request in enumerate(self.batch.requests):
+        for row, request in enumerate(batch.requests):
             if request.done and request.cached > 1:
-                self._remember_answer(request, row)
-        self.batch.keep(keep)
-        self._note_held()
+                self._remember_answer(request, row, batch)
+        self._keep(batch, keep)
 
 
 def batchable(loaded: LoadedModel) -> bool:

@@ -20,6 +20,7 @@ import argparse
 import datetime
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -894,16 +895,18 @@ def run_prefix_cache(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
 
 
 LONG_PROMPT_TOKENS = 2000  # the agent's long context beside seven short chats (issue 31)
+TIGHT_BYTES = 512 << 20  # SmolLM2 fp32 (45 KiB a token): the long row and seven short ones merged need ~2 GB, apart
+TIGHT = "this tree, KV_CACHE_BYTES=512 MiB"  # ~0.45 GB (two groups)
 SHORT_STREAMS = 7
 
 
 def long_prompt_body(new_tokens: int) -> dict[str, Any]:
-    """A ~2,000-token prompt (SmolLM2's tokenizer: ~10 tokens a subject) whose answer runs four times as long as
-    the short ones', so that its row stays beside theirs while they decode."""
+    """A ~2,000-token prompt (SmolLM2's tokenizer: ~10 tokens a subject) whose answer is as long as the short
+    ones': its row joins after its sliced prefill and stays beside theirs while they decode."""
     words = " ".join(SUBJECTS[k % len(SUBJECTS)] for k in range(LONG_PROMPT_TOKENS // 10))
     return {
         "messages": [{"role": "user", "content": f"Summarise this log: {words}"}],
-        "max_tokens": 4 * new_tokens,
+        "max_tokens": new_tokens,
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
@@ -926,13 +929,15 @@ def short_rows_tok_s(url: str, new_tokens: int, beside_long: bool) -> float:
 
 
 def run_kv_budget(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
-    """The KV budget: one ~2,000-token prompt beside seven short ones, and the seven alone, on this tree and on
-    commit `args.against`, two servers side by side, interleaved: what the long row costs the short rows'
+    """The KV budget: one ~2,000-token prompt beside seven short ones, and the seven alone, on this tree (its
+    automatic budget, and a tight one where the long row and the short ones cannot share a rectangle) and on
+    commit `args.against`, three servers side by side, interleaved: what the long row costs the short rows'
     throughput, and the peak KV bytes this tree accounted (padding included)."""
     report = Report()
     model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
     start = functools.partial(start_ours, model_dir, args.dtype, args.device, SHORT_STREAMS + 1)
-    servers = {"this tree": start("kv-tree"), args.against: start(f"kv-{args.against}", main_at(args.against))}
+    servers = {"this tree": start("kv-tree"), TIGHT: start("kv-tight", KV_CACHE_BYTES=str(TIGHT_BYTES)),
+               args.against: start(f"kv-{args.against}", main_at(args.against))}  # fmt: skip
     try:
         jobs = {
             f"{name}, {what}": functools.partial(short_rows_tok_s, server.url, args.new_tokens, beside)
@@ -947,19 +952,20 @@ def run_kv_budget(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
                        ratio(statistics.median(beside), statistics.median(alone)),
                        f"{statistics.median(beside):.1f} vs {statistics.median(alone):.1f} tok/s; per-round "
                        f"{per_round[0]:.2f}-{per_round[-1]:.2f}")  # fmt: skip
-        for what in ("beside", "alone"):
-            mine, theirs = rounds[f"this tree, {what}"], rounds[f"{args.against}, {what}"]
+        for what, tree in itertools.product(("beside", "alone"), ("this tree", TIGHT)):
+            mine, theirs = rounds[f"{tree}, {what}"], rounds[f"{args.against}, {what}"]
             per_round = sorted(a / b for a, b in zip(mine, theirs, strict=True))
-            report.add(f"short rows' tok/s {what}: this tree vs {args.against}",
+            report.add(f"short rows' tok/s {what}: {tree} vs {args.against}",
                        ratio(statistics.median(mine), statistics.median(theirs)),
                        f"per-round {per_round[0]:.2f}-{per_round[-1]:.2f} over {args.runs} rounds")  # fmt: skip
-        url = servers["this tree"].url
-        peak, budget = metric(url, "llm_kv_cache_peak_bytes"), metric(url, "llm_kv_cache_budget_bytes")
-        report.add(
-            "peak KV bytes accounted (this tree)",
-            f"{peak / 2**20:.1f} MiB",
-            f"budget {budget / 2**20:.0f} MiB; preemptions {metric(url, 'llm_kv_preemptions_total'):.0f}",
-        )
+        for tree in ("this tree", TIGHT):
+            url = servers[tree].url
+            peak, budget = metric(url, "llm_kv_cache_peak_bytes"), metric(url, "llm_kv_cache_budget_bytes")
+            report.add(
+                f"peak KV bytes accounted: {tree}",
+                f"{peak / 2**20:.1f} MiB",
+                f"budget {budget / 2**20:.0f} MiB; preemptions {metric(url, 'llm_kv_preemptions_total'):.0f}",
+            )
         for name, server in servers.items():
             report.add(f"peak RSS: {name}", f"{server.rss_bytes()[1] / 2**20:.0f} MiB")
     finally:

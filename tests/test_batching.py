@@ -408,7 +408,7 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_slices_between_steps(
     ops: list[str] = []  # (no prefix cache: the slices are those of the whole prompt)
     chunk, step = scheduler._prefill_chunk, scheduler._step
     scheduler._prefill_chunk = lambda chunked: (ops.append("slice"), chunk(chunked))[1]  # type: ignore[method-assign]
-    scheduler._step = lambda: (ops.append("step"), step())[1]  # type: ignore[method-assign]
+    scheduler._step = lambda batch: (ops.append("step"), step(batch))[1]  # type: ignore[method-assign]
     texts = join_mid_way(engine, (QUESTIONS[0], 80), (LONG_QUESTION, 10), after_deltas=5)
     assert texts == (run(reference, QUESTIONS[0], greedy(80))[0], run(reference, LONG_QUESTION, greedy(10))[0])
     assert ops.count("slice") == slices
@@ -494,15 +494,15 @@ def test_a_failed_step_fails_the_batch_and_the_next_request_is_served(
     step = scheduler._step
     failures = [RuntimeError("step broke")]
 
-    def failing_step() -> None:
+    def failing_step(batch: main.Batch) -> None:
         if failures:
             raise failures.pop()
-        step()
+        step(batch)
 
     scheduler._step = failing_step  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match=r"^step broke$"):
         run(engine, QUESTIONS[0], greedy(10))
-    assert (scheduler.batch.requests, scheduler.batch.cache) == ([], None)
+    assert scheduler.batches == []
     assert run(engine, QUESTIONS[1], greedy(10)) == run(reference, QUESTIONS[1], greedy(10))
 
 
@@ -542,8 +542,8 @@ def test_a_merge_that_fails_part_way_fails_only_the_newcomers(
     def join_breaking_the_last_layer(
         requests: list[main.BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any
     ) -> None:
-        if scheduler.batch.cache is not None:  # joining a running batch: layer 0 merges, the last layer cannot
-            padded_old.append(mask.shape[1] > scheduler.batch.mask.shape[1])
+        if scheduler.batches:  # joining a running batch: layer 0 merges, the last layer cannot
+            padded_old.append(mask.shape[1] > scheduler.batches[0].mask.shape[1])
             cache.layers[-1].keys = cache.layers[-1].keys[:, :1]  # one head too few: its torch.cat raises
         join(requests, lengths, cache, mask, logits)
         decoding.set()

@@ -71,6 +71,27 @@ def test_the_budget_plans_a_merge_as_twice_the_merged_rectangle(
     assert (kv.limit(), kv.merge_need(rows, width)) == (limit, merge_need)
 
 
+ROOM = 256 * 512  # bytes of one row's 256 positions
+
+
+@pytest.mark.parametrize(
+    ("budget", "shapes", "rows", "longest", "placed"),
+    [
+        (None, [(2, 40)], 1, 3000, (0, 2 * 3 * 13 * ROOM)),  # no budget: always the one group
+        (12 * ROOM, [(2, 40)], 1, 30, (0, 2 * 3 * 2 * ROOM)),  # a short row joins the short ones
+        (16 * ROOM, [(1, 600)], 3, 30, (1, 4 * ROOM + 2 * 3 * 2 * ROOM)),  # beside a long row: a group of their own
+        (32 * ROOM, [(1, 600)], 3, 30, (0, 2 * 4 * 4 * ROOM)),  # ... unless merging fits: one forward a step
+        (20 * ROOM, [(1, 600), (3, 40)], 1, 30, (1, 4 * ROOM + 2 * 4 * 2 * ROOM)),  # the group it fits best
+        (30 * ROOM, [(1, 600), (3, 40)], 4, 30, (1, 4 * ROOM + 2 * 7 * 2 * ROOM)),  # fits nowhere, no third: waits
+    ],
+)
+def test_rows_go_to_the_group_they_fit_in_or_a_group_of_their_own(
+    budget: int | None, shapes: list[tuple[int, int]], rows: int, longest: int, placed: tuple[int, int]
+) -> None:
+    """A placement needs every group's rectangle with room for 256 more positions, the target's twice."""
+    assert main.KvBudget(budget, 512).place(shapes, rows, longest, max_groups=2) == placed
+
+
 def test_kv_cache_bytes_is_a_budget_zero_none_and_auto_half_the_free_ram(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -101,6 +122,22 @@ def test_a_burst_of_long_and_short_requests_completes_within_a_small_budget(
     assert answers == [run(reference, q, greedy(m, ignore_eos=True)) for q, m in jobs]
     assert "KV budget: holding requests back for memory" in caplog.text
     assert 0 < scheduler.kv.peak <= 700_000
+
+
+def test_short_rows_run_beside_a_long_one_in_a_group_of_their_own(
+    tiny_model_dir: Path, reference: main.TransformersEngine
+) -> None:
+    """Merged with the long row, the short rows would be 4 x 768 positions, twice: 3.1 MB; in a group of their own
+    (a second forward pass a step) they need 0.4 + 1.6 MB, within 2 MB, so they run beside it instead of waiting."""
+    engine, scheduler = budgeted(tiny_model_dir, 2_000_000)
+    groups: list[int] = []
+    step = scheduler._step
+    scheduler._step = lambda batch: (groups.append(len(scheduler.batches)), step(batch))[1]  # type: ignore[method-assign]
+    jobs = [(LONG, 300)] + [(question, 100) for question in SHORT]
+    answers = concurrently(*[lambda q=q, m=m: run(engine, q, greedy(m, ignore_eos=True)) for q, m in jobs])
+    assert answers == [run(reference, q, greedy(m, ignore_eos=True)) for q, m in jobs]
+    assert max(groups) == 2 and scheduler.kv.preempted == 0
+    assert 0 < scheduler.kv.peak <= 2_000_000
 
 
 def test_rows_that_outgrow_the_budget_are_preempted_and_answer_as_alone(
