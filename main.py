@@ -217,6 +217,8 @@ class Settings(BaseModel):
     # ^ what the batch's KV (and the prefix cache) may hold; -1 = the memory free once the model is loaded, less
     # headroom (GPU: 10% of the card, at least 1 GiB; CPU: half the RAM available)
     batching: Literal["auto", "off"] = one_of("auto", "auto", "off")  # off = one generate() per request
+    speculative_tokens: int = Field(default=4, ge=0, le=16, description="between 0 and 16")
+    # ^ draft tokens a row may verify in one pass (prompt lookup, tried where it pays); 0 = off
     prefill_batch_tokens: int = at_least(0, 0)  # prompt tokens (padded) per prefill forward; 0 = 256 CPU, 4096 GPU
     max_queued_requests: int = at_least(16, 0)  # waiting beyond the running ones; past this, 429
     keepalive_seconds: float = more_than_zero(15.0)  # SSE comment interval, so proxies keep a long prefill open
@@ -1177,7 +1179,9 @@ class Engine(Protocol):
 
     def prefix_cache_stats(self) -> dict[str, int]: ...  # lookups, hits, reused_tokens, ..., bytes; {} when none
 
-    def kv_stats(self) -> dict[str, int]: ...  # bytes, peak_bytes, budget_bytes, waiting_rows, preempted; {} when none
+    def batch_stats(self) -> dict[str, int]: ...  # KV bytes, budget, waiting rows, preemptions, drafted and accepted
+
+    # tokens; {} when there is no batch
 
     def kv_limit(self) -> KvLimit | None: ...  # what the KV budget holds for one request; None: no budget
 
@@ -2850,6 +2854,10 @@ class RowConstraint:
         if not bool(bitmask_row.any()):
             raise ConstraintError("constrained decoding failed: the grammar allows no next token")
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar would take from here (nothing is consumed)."""
+        return int(self.matcher.validate_tokens(tokens))
+
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise ConstraintError(f"constrained decoding failed: {self.matcher.get_error()[:GRAMMAR_ERROR_MAX_CHARS]}")
@@ -3700,6 +3708,9 @@ def _first_token(texts: TokenTexts, token: int) -> tuple[str, None, bytes]:
     return text, None, raw
 
 
+SPEC_PRIOR_ACCEPTANCE = 0.5  # the share of a row's draft expected to be accepted before it has drafted
+
+
 @dataclass
 class BatchRequest:
     """One row of the batch: one choice of one prompt. The `n` choices of a prompt are its siblings: submitted
@@ -3729,6 +3740,7 @@ class BatchRequest:
     reused: int = 0  # prompt tokens read from the prefix cache instead of computed
     hit: tuple[PrefixEntry, int] | None = None  # the prefix-cache entry it starts from, and how many tokens of it
     joined: int = 0  # its place in admission order (the youngest row is preempted first)
+    acceptance: float = SPEC_PRIOR_ACCEPTANCE  # the share of its drafted tokens it took lately (speculation)
 
     @property
     def stopped(self) -> bool:
@@ -3898,6 +3910,12 @@ def growing_layer() -> type:
             length = self.get_seq_length()
             buffers = self.buffers = self.buffers[0][indices], self.buffers[1][indices]
             self.views = self.keys, self.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+
+        def crop(self, length: int) -> None:
+            """Keeps the first `length` positions (a verify pass's rejected tail goes); the buffers keep their room
+            and the next update writes over what was cut."""
+            keys, values = cast(Any, self.keys), cast(Any, self.values)
+            self.views = self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
         def _adopt(self, length: int, needed: int, like: Any) -> tuple[Any, Any]:
             """Fresh buffers with room for `needed` positions and more, holding the `length` cached so far."""
@@ -4274,6 +4292,73 @@ class RowSampler:
         return tokens
 
 
+SPEC_NGRAM_MAX = 4  # the longest suffix of a row's tokens looked up for a draft
+SPEC_NGRAM_MIN = 2  # a one-token match proposes too often to pay
+SPEC_RECOVERY = 0.05  # each step a row does not draft, its acceptance drifts back this far towards the prior
+SPEC_SMOOTHING = 0.7  # weight of the past in the running figures (a row's acceptance, a pass's seconds)
+SPEC_HOLES_SHARE = 0.25  # rejected positions (holes in the rectangle) past this share of it are compacted away
+
+
+def draft_tokens(tokens: Any, k: int) -> list[int]:
+    """Prompt lookup: the `k` tokens (at most) that followed the most recent earlier occurrence of the longest
+    suffix of `tokens` (an int64 array: the row's prompt and output), from SPEC_NGRAM_MAX tokens down to
+    SPEC_NGRAM_MIN; none when nothing matches."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    for n in range(SPEC_NGRAM_MAX, SPEC_NGRAM_MIN - 1, -1):
+        if len(tokens) <= n:
+            continue
+        hits = np.flatnonzero((sliding_window_view(tokens[:-1], n) == tokens[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in tokens[start : start + k]]
+    return []
+
+
+class Speculation:
+    """When a verify pass pays: the measured seconds of a plain step and of a pass over k+1 positions, by batch
+    size, against the tokens the rows are expected to take from it (each one, plus its acceptance share of its
+    draft). A size not measured yet is tried once. Counts drafted and accepted tokens for /metrics."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.seconds: dict[tuple[int, int], float] = {}  # (rows, positions a row) -> a step's running seconds
+        self.drafted = self.accepted = self.passes = 0
+
+    def worth(self, rows: int, positions: int, expected: float) -> bool:
+        plain, verify = self.seconds.get((rows, 1)), self.seconds.get((rows, positions))
+        return plain is None or verify is None or expected / verify > rows / plain
+
+    def note(self, rows: int, positions: int, seconds: float) -> None:
+        past = self.seconds.get((rows, positions))
+        smoothed = seconds if past is None else SPEC_SMOOTHING * past + (1 - SPEC_SMOOTHING) * seconds
+        self.seconds[(rows, positions)] = smoothed
+
+    def drafts(self, requests: list[BatchRequest]) -> list[list[int]]:
+        """Each row's draft: prompt lookup over its tokens, cut where its grammar would refuse a token and where
+        max_tokens would end it. A row that does not draft drifts back towards the prior acceptance."""
+        import numpy as np
+
+        drafts = []
+        for request in requests:
+            left = request.params.max_new_tokens - request.generated - 1  # the pass's own token comes on top
+            tokens = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, np.int64)])
+            draft = draft_tokens(tokens, min(self.k, left)) if left > 0 else []
+            if draft and request.constraint is not None:
+                draft = draft[: request.constraint.valid_prefix(draft)]
+            if not draft:
+                request.acceptance += (SPEC_PRIOR_ACCEPTANCE - request.acceptance) * SPEC_RECOVERY
+            drafts.append(draft)
+        return drafts
+
+    def taken(self, request: BatchRequest, drafted: int, accepted: int) -> None:
+        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
+        if drafted:
+            share = accepted / drafted
+            request.acceptance = SPEC_SMOOTHING * request.acceptance + (1 - SPEC_SMOOTHING) * share
+
+
 class Batch:
     """The running rows and their KV cache: one row per request, left-padded to the longest (a rectangle;
     `mask` is 0 on padding), each row's newest token sampled but not yet in the cache."""
@@ -4330,6 +4415,24 @@ class Batch:
             return 0
         return int(layer.buffers[0].shape[-2])
 
+    def holes(self) -> float:
+        """The share of the rectangle that is padding inside rows (rejected draft positions), not at their left."""
+        real = self.mask.sum(dim=1)
+        spans = self.mask.shape[1] - self.mask.argmax(dim=1)  # from each row's first real column to the end
+        return float((spans - real).sum() / max(int(self.mask.numel()), 1))
+
+    def compact(self) -> None:
+        """Moves each row's real columns to the right end, as a merge lays them out (holes become left padding,
+        which `keep` trims): one gather per layer."""
+        import torch
+
+        width = int(self.mask.sum(dim=1).max())
+        index = torch.sort(self.mask, dim=1, stable=True).indices[:, -width:]  # padding first, then the real ones
+        self.mask = self.mask.gather(1, index)
+        for layer in self.cache.layers:
+            at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
+
     def step_inputs(self) -> tuple[Any, Any, Any]:
         """(input ids, attention mask, position ids) of the next decode step: the mask gains the new column."""
         import torch
@@ -4365,7 +4468,7 @@ class BatchScheduler:
     ops on the model's device."""
 
     def __init__(self, loaded: LoadedModel, max_batch: int, prefill_tokens: int = 0, prefix_cache_bytes: int = 0,
-                 kv_cache_bytes: int = 0) -> None:  # fmt: skip
+                 kv_cache_bytes: int = 0, speculative_tokens: int = 0) -> None:  # fmt: skip
         import torch
 
         self.loaded = loaded
@@ -4388,6 +4491,7 @@ class BatchScheduler:
         self.batches: list[Batch] = []  # groups of rows, each its own rectangle and forward pass (KV_GROUPS)
         self.target: Batch | None = None  # where the newcomers being admitted go (None: a new group)
         self.joined = itertools.count()  # admission order: the youngest row is preempted first
+        self.spec = Speculation(speculative_tokens) if speculative_tokens else None
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
@@ -4502,15 +4606,15 @@ class BatchScheduler:
         live = sum(cache_bytes(batch.cache) for batch in self.batches) + cache_bytes(chunked)
         self.kv.note(live + self.prefix.held, transient)
 
-    def _make_room_for_step(self, batch: Batch) -> None:
+    def _make_room_for_step(self, batch: Batch, columns: int) -> None:
         """Before a step that allocates a group's buffers anew: if every group together would pass the budget,
         the prefix cache gives way, then the youngest rows of any group are preempted, until they fit. One row
         always stays (alone, it fits: checked at admission)."""
         kv = self.kv
-        while kv.budget is not None and batch and batch.width() + 1 > batch.capacity():
+        while kv.budget is not None and batch and batch.width() + columns > batch.capacity():
             others = sum(cache_bytes(b.cache) for b in self.batches if b is not batch)
             chunked = cache_bytes(self.chunked.cache) if self.chunked is not None else 0
-            need = kv.rectangle(len(batch), batch.width() + 1) + others + chunked
+            need = kv.rectangle(len(batch), batch.width() + columns) + others + chunked
             if need <= kv.budget or self._running() == 1:
                 self.prefix.shrink(kv.budget - need)
                 return
@@ -4588,12 +4692,13 @@ class BatchScheduler:
             request.reused = request.reused if request.cached else shared  # a preempted row's usage stays
         return ChunkedPrefill(family, cache, self.target, done=shared)
 
-    def _remember(self, request: BatchRequest, tokens: Any, row: int, cache: Any) -> None:
-        """`tokens` (int64 array) and their KV, the last `len(tokens)` positions of `row` in `cache`, into the
-        prefix cache (copied: the live cache goes on changing)."""
+    def _remember(self, request: BatchRequest, tokens: Any, row: int, batch: Batch) -> None:
+        """`tokens` (int64 array) and their KV, the last `len(tokens)` real positions of `row` in the group's
+        cache (holes skipped), into the prefix cache (copied: the live cache goes on changing)."""
         if self.prefix.budget:
-            n, rows = len(tokens), slice(row, row + 1)
-            layers = [(layer.keys[rows, :, -n:], layer.values[rows, :, -n:]) for layer in cache.layers]
+            columns = batch.mask[row].nonzero().view(-1)[-len(tokens) :]
+            rows = slice(row, row + 1)
+            layers = [(layer.keys[rows, :, columns], layer.values[rows, :, columns]) for layer in batch.cache.layers]
             live = sum(cache_bytes(b.cache) for b in self.batches) + cache_bytes(self.chunked and self.chunked.cache)
             room = self.kv.budget - live if self.kv.budget is not None else None
             self.prefix.store(request.params.cache_salt, tokens, layers, room)
@@ -4604,7 +4709,7 @@ class BatchScheduler:
         import numpy as np
 
         fed = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, dtype=np.int64)])
-        self._remember(request, fed[: request.cached], row, batch.cache)
+        self._remember(request, fed[: request.cached], row, batch)
 
     def _prefill(self, group: list[Family]) -> None:
         """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
@@ -4700,7 +4805,7 @@ class BatchScheduler:
         self._note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
         row = first
         for family in group:  # its prompt, as the last positions of its first row
-            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, batch.cache)
+            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, batch)
             row += len(family)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
@@ -4711,9 +4816,27 @@ class BatchScheduler:
         self._retire(batch)
 
     def _step(self, batch: Batch) -> None:
-        self._make_room_for_step(batch)
+        """One pass over a group's rows: a plain step (each row's newest token), or a verify pass where drafts
+        are expected to pay (`Speculation`). Timed for that choice."""
+        spec = self.spec
+        self._make_room_for_step(batch, 1 + (spec.k if spec is not None else 0))
         if not batch:
             return  # all of it preempted
+        started, rows = time.perf_counter(), len(batch)
+        drafts = spec.drafts(batch.requests) if spec is not None else []
+        positions = 1 + max(map(len, drafts), default=0)
+        expected = sum(1 + len(draft) * r.acceptance for draft, r in zip(drafts, batch.requests))  # noqa: B905
+        if spec is not None and positions > 1 and spec.worth(rows, positions, expected):
+            self._verify(batch, drafts, positions)
+            spec.passes += 1
+        else:
+            self._plain_step(batch)
+            positions = 1
+        if spec is not None:
+            spec.note(rows, positions, time.perf_counter() - started)
+        self._retire(batch)
+
+    def _plain_step(self, batch: Batch) -> None:
         grows = batch.width() + 1 > batch.capacity()
         ids, mask, positions = batch.step_inputs()
         logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -4725,7 +4848,46 @@ class BatchScheduler:
             self._emit(request, int(token))
         if grows:
             self._note_held()
-        self._retire(batch)
+
+    def _verify(self, batch: Batch, drafts: list[list[int]], positions: int) -> None:
+        """One pass over each row's newest token and its draft (`positions` a row; a shorter draft padded). Each
+        position's token is chosen exactly as a plain step would choose it (adjustments, grammar mask, greedy or
+        the row's sampler seeded by position) and emitted; a row goes on while its token equals its draft's, so
+        the output is what plain decoding gives. The rejected tail is cut from the cache, or masked out in a
+        row that took fewer than another."""
+        import torch
+
+        rows, width = len(batch), batch.width()
+        device = batch.mask.device
+        padded = [draft + [0] * (positions - 1 - len(draft)) for draft in drafts]
+        ids = torch.cat([batch.next_tokens, torch.tensor(padded, dtype=torch.long, device=device)], dim=1)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(rows, positions)], dim=1)
+        at = torch.tensor([[r.cached] for r in batch.requests], device=device) + torch.arange(positions, device=device)
+        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=at,
+                                   **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
+        taken, last, alive = [0] * rows, [0] * rows, list(range(rows))
+        for j in range(positions):
+            requests = [batch.requests[r] for r in alive]
+            tokens = self.rows_sampler.sample(logits[alive, j, :], requests).tolist()
+            going = []
+            for r, request, token in zip(alive, requests, tokens, strict=True):
+                taken[r], last[r] = j + 1, token
+                self._emit(request, token)
+                if not request.done and j < len(drafts[r]) and token == drafts[r][j]:
+                    going.append(r)
+            alive = going
+        kept = max(taken)
+        for layer in batch.cache.layers:
+            layer.crop(width + kept)
+        batch.mask = mask[:, : width + kept]
+        for r, (request, draft) in enumerate(zip(batch.requests, drafts, strict=True)):
+            batch.mask[r, width + taken[r] :] = 0
+            request.cached += taken[r]
+            self.spec.taken(request, len(draft), taken[r] - 1) if self.spec is not None else None
+        batch.next_tokens = torch.tensor(last, device=device).view(-1, 1)
+        if batch.holes() > SPEC_HOLES_SHARE:
+            batch.compact()
+        self._note_held()
 
     def _emit(self, request: BatchRequest, token: int) -> None:
         if request.done:
@@ -4898,9 +5060,14 @@ class TransformersEngine:
         cache = scheduler.prefix
         return {**cache.stats, "bytes": cache.held, "peak_bytes": cache.peak, "budget_bytes": cache.budget}
 
-    def kv_stats(self) -> dict[str, int]:
+    def batch_stats(self) -> dict[str, int]:
         scheduler = self._scheduler
-        return scheduler.kv.stats() if scheduler is not None else {}
+        if scheduler is None:
+            return {}
+        spec = scheduler.spec
+        drafted, accepted = (spec.drafted, spec.accepted) if spec is not None else (0, 0)
+        passes = spec.passes if spec is not None else 0
+        return {**scheduler.kv.stats(), "drafted_tokens": drafted, "accepted_tokens": accepted, "verify_passes": passes}
 
     def kv_limit(self) -> KvLimit | None:
         """Made when first asked (the budget is measured once the model is loaded), by the batch: the generate()
@@ -5015,7 +5182,8 @@ class TransformersEngine:
         with self._scheduler_lock:
             if self._scheduler is None:
                 self._scheduler = BatchScheduler(loaded, settings.max_batch_size, settings.prefill_batch_tokens,
-                                                 settings.prefix_cache_bytes, settings.kv_cache_bytes)  # fmt: skip
+                                                 settings.prefix_cache_bytes, settings.kv_cache_bytes,
+                                                 settings.speculative_tokens)  # fmt: skip
         return self._scheduler
 
 
@@ -6208,7 +6376,7 @@ class CacheCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        kv = self.engine.kv_stats()
+        kv = self.engine.batch_stats()
         yield GaugeMetricFamily("llm_kv_cache_bytes", "Bytes of KV held: the batch (padding and room included), a "
                                 "chunked prefill, the prefix cache", kv.get("bytes", 0))  # fmt: skip
         yield GaugeMetricFamily("llm_kv_cache_peak_bytes", "The most held, merges included", kv.get("peak_bytes", 0))
@@ -6217,6 +6385,12 @@ class CacheCollector:
         yield GaugeMetricFamily("llm_kv_waiting_rows", "Rows waiting for KV memory", kv.get("waiting_rows", 0))
         yield CounterMetricFamily("llm_kv_preemptions", "Rows taken out of the batch for memory, to be prefilled "
                                   "again", value=kv.get("preempted", 0))  # fmt: skip
+        yield CounterMetricFamily("llm_spec_drafted_tokens", "Draft tokens verified (speculative decoding)",
+                                  value=kv.get("drafted_tokens", 0))  # fmt: skip
+        yield CounterMetricFamily("llm_spec_accepted_tokens", "Draft tokens accepted (each saved a step)",
+                                  value=kv.get("accepted_tokens", 0))  # fmt: skip
+        yield CounterMetricFamily("llm_spec_verify_passes", "Verify passes (a step over drafts)",
+                                  value=kv.get("verify_passes", 0))  # fmt: skip
         stats = self.engine.prefix_cache_stats()
         for name, description in PREFIX_CACHE_COUNTERS.items():
             yield CounterMetricFamily(f"llm_prefix_cache_{name}", description, value=stats.get(name, 0))
@@ -7604,7 +7778,7 @@ def add_health_routes(app: FastAPI, state: AppState) -> None:
             status="ok", model=engine.model_name, model_loaded=engine.is_loaded(), model_error=engine.load_error(),
             generations_running=state.gate.running, generations_queued=state.gate.admitted - state.gate.running,
             sessions=len(state.store.sessions), persistence=state.persistence(), sessions_continued=state.continued,
-            **placement_fields(engine.placement()), **kv_fields(engine.kv_stats()),
+            **placement_fields(engine.placement()), **kv_fields(engine.batch_stats()),
         )  # fmt: skip
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

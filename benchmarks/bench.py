@@ -974,6 +974,49 @@ def run_kv_budget(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
     return report, run_context(model_dir, args, f"KV budget: long beside short, {args.runs} rounds")
 
 
+COPY_DOCUMENT = {"id": 4172, "status": "open", "owner": {"name": "Ada Lovelace", "email": "ada@example.com"},
+                 "tags": ["engines", "notes", "translation"], "items": [{"sku": "A-100", "qty": 2, "price": 19.5},
+                 {"sku": "B-220", "qty": 1, "price": 7.25}, {"sku": "C-310", "qty": 5, "price": 3.0}],
+                 "shipping": {"street": "12 St James's Square", "city": "London", "zip": "SW1Y 4JH"}}  # fmt: skip
+
+
+def copy_body(new_tokens: int) -> dict[str, Any]:
+    """Copy-heavy: return a JSON document with one field changed (what an agent's edit or tool call looks like)."""
+    text = (f"Here is a JSON document:\n{json.dumps(COPY_DOCUMENT)}\nReturn the same JSON document, exactly as it "
+            'is, but with "status" set to "closed". Output only the JSON.')  # fmt: skip
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": new_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+def run_speculation(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
+    """Speculative decoding (prompt lookup): SPECULATIVE_TOKENS=4 against 0, two servers side by side, interleaved:
+    one stream on a copy-heavy prompt, one stream and `top` streams of prose; the mean tokens a verify pass
+    gave."""
+    report = Report()
+    model_dir = prepared_model_dir(Path(args.model) if args.model else default_model())
+    top = max(int(c) for c in args.concurrency.split(","))
+    start = functools.partial(start_ours, model_dir, args.dtype, args.device, top)
+    servers = {"on": start("spec-on", SPECULATIVE_TOKENS="4"), "off": start("spec-off", SPECULATIVE_TOKENS="0")}
+    try:
+        copy = {name: functools.partial(lambda url: stream_chat(url, copy_body(2 * args.new_tokens)).decode_tok_s,
+                                        server.url) for name, server in servers.items()}  # fmt: skip
+        rounds = interleaved_rounds(copy, args.runs)
+        on, off = statistics.median(rounds["on"]), statistics.median(rounds["off"])
+        per_round = sorted(a / b for a, b in zip(rounds["on"], rounds["off"], strict=True))
+        report.add("copy-heavy, 1 stream: tok/s on vs off", ratio(on, off), f"{on:.1f} vs {off:.1f} tok/s; "
+                   f"per-round {per_round[0]:.2f}-{per_round[-1]:.2f} over {args.runs} rounds")  # fmt: skip
+        url = servers["on"].url
+        passes, accepted = metric(url, "llm_spec_verify_passes_total"), metric(url, "llm_spec_accepted_tokens_total")
+        drafted = metric(url, "llm_spec_drafted_tokens_total")
+        report.add("copy-heavy: tokens a verify pass gave (mean)", f"{1 + accepted / max(passes, 1):.2f}",
+                   f"{accepted:.0f} of {drafted:.0f} drafted tokens accepted over {passes:.0f} passes")  # fmt: skip
+        compare_plain_streams(report, servers, "on", "off", args, top)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return report, run_context(model_dir, args, f"speculation on vs off, {args.runs} rounds")
+
+
 def run_context(model_dir: Path, args: argparse.Namespace, what: str) -> dict[str, str]:
     import torch
     import transformers
@@ -1099,6 +1142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short run for CI: 16 tokens, 1 run, 1,2 streams")
     parser.add_argument("--against", metavar="REV", help="only plain 1 and top streams, this tree vs commit REV")
     parser.add_argument("--prefix-cache", action="store_true", help="only the prefix cache: agent loop, on vs off")
+    parser.add_argument("--speculation", action="store_true", help="prompt-lookup speculation on vs off")
     parser.add_argument("--kv-budget", action="store_true",
                         help="a 2,000-token prompt beside 7 short ones, this tree vs --against REV")  # fmt: skip
     args = parser.parse_args()
@@ -1106,9 +1150,10 @@ def main() -> None:
         args.new_tokens, args.runs, args.concurrency, args.sessions = 16, 1, "1,2", 20
     default = "RESULTS-quick.md" if args.quick else f"RESULTS-against-{args.against}.md" if args.against else ""
     default = "RESULTS-prefix-cache.md" if args.prefix_cache else "RESULTS-kv-budget.md" if args.kv_budget else default
+    default = "RESULTS-speculation.md" if args.speculation else default
     output = args.output or (WORK / default if default else ROOT / "benchmarks" / "RESULTS.md")
     runner = (run_prefix_cache if args.prefix_cache else run_kv_budget if args.kv_budget
-              else run_against if args.against else run)  # fmt: skip
+              else run_speculation if args.speculation else run_against if args.against else run)  # fmt: skip
     report, context = runner(args)
     write_markdown(output, report, context, args.quick)
     print(f"\nwrote {output}")

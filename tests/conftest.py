@@ -141,7 +141,7 @@ class ScriptedEngine:
     def prefix_cache_stats(self) -> dict[str, int]:
         return {}
 
-    def kv_stats(self) -> dict[str, int]:
+    def batch_stats(self) -> dict[str, int]:
         return {}
 
     def kv_limit(self) -> main.KvLimit | None:
