@@ -34,9 +34,12 @@ def reference(tiny_model_dir: Path) -> main.TransformersEngine:
     return engine
 
 
-def budgeted(model_dir: Path, kv_cache_bytes: int) -> tuple[main.TransformersEngine, main.BatchScheduler]:
-    engine = main.TransformersEngine(make_settings(model_repo_id=str(model_dir), device_map="cpu",
-                                                  kv_cache_bytes=kv_cache_bytes, prefix_cache_bytes=0))  # fmt: skip
+def budgeted(model_dir: Path, kv_cache_bytes: int, speculative_tokens: int = 0
+             ) -> tuple[main.TransformersEngine, main.BatchScheduler]:  # fmt: skip
+    """Speculation off unless asked: a verify pass changes when steps happen, not what the budget does."""
+    engine = main.TransformersEngine(make_settings(model_repo_id=str(model_dir), device_map="cpu", prefix_cache_bytes=0,
+                                                  kv_cache_bytes=kv_cache_bytes,
+                                                  speculative_tokens=speculative_tokens))  # fmt: skip
     scheduler = engine.scheduler_for(engine.handle.get())
     assert scheduler is not None
     return engine, scheduler
@@ -140,13 +143,14 @@ def test_short_rows_run_beside_a_long_one_in_a_group_of_their_own(
     assert 0 < scheduler.kv.peak <= 2_000_000
 
 
+@pytest.mark.parametrize("speculative_tokens", [0, 4])
 def test_rows_that_outgrow_the_budget_are_preempted_and_answer_as_alone(
-    tiny_model_dir: Path, reference: main.TransformersEngine
+    tiny_model_dir: Path, reference: main.TransformersEngine, speculative_tokens: int
 ) -> None:
     """Three short rows fit at first (3 x 512 positions, twice, is 1.57 MB); past 1,024 positions they do not, so
     the youngest is preempted, then prefilled again from its prompt and the tokens it had. Greedy and seeded
     rows give what they give alone."""
-    engine, scheduler = budgeted(tiny_model_dir, 1_600_000)
+    engine, scheduler = budgeted(tiny_model_dir, 1_600_000, speculative_tokens)
     params = [greedy(1200, ignore_eos=True), greedy(1200, ignore_eos=True),
               greedy(1200, ignore_eos=True, temperature=1.0, seed=7)]  # fmt: skip
     answers = concurrently(*[lambda q=q, p=p: run(engine, q, p) for q, p in zip(SHORT, params, strict=True)])

@@ -45,17 +45,17 @@ def test_a_draft_is_what_followed_the_longest_earlier_match(tokens: list[int], k
     ("measured", "expected", "worth"),
     [
         ({}, 1.5, True),  # nothing measured: try it once
-        ({(1, 1): 0.030}, 1.5, True),  # the verify pass not measured yet
-        ({(1, 1): 0.030, (1, 5): 0.050}, 2.5, True),  # 50 tokens/s against 33
-        ({(1, 1): 0.030, (1, 5): 0.050}, 1.4, False),  # 28 against 33: a plain step
+        ({(1, False): 0.030}, 1.5, True),  # the verify pass not measured yet
+        ({(1, False): 0.030, (1, True): 0.050}, 2.5, True),  # 50 tokens/s against 33
+        ({(1, False): 0.030, (1, True): 0.050}, 1.4, False),  # 28 against 33: a plain step
     ],
 )
 def test_a_verify_pass_is_taken_where_its_tokens_per_second_beat_a_plain_step(
-    measured: dict[tuple[int, int], float], expected: float, worth: bool
+    measured: dict[tuple[int, bool], float], expected: float, worth: bool
 ) -> None:
     spec = main.Speculation(4)
     spec.seconds.update(measured)
-    assert spec.worth(1, 5, expected) is worth
+    assert spec.worth(1, expected) is worth
 
 
 def engines(model_dir: Path, always: bool = False) -> tuple[main.TransformersEngine, main.TransformersEngine]:
@@ -70,7 +70,7 @@ def engines(model_dir: Path, always: bool = False) -> tuple[main.TransformersEng
         made.append(engine)
     spec = made[0].scheduler_for(made[0].handle.get()).spec  # type: ignore[union-attr]
     if always and spec is not None:
-        spec.worth = lambda rows, positions, expected: True  # type: ignore[method-assign]
+        spec.worth = lambda rows, expected: True  # type: ignore[method-assign]
     return made[0], made[1]
 
 
