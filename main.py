@@ -4464,6 +4464,319 @@ class Batch:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
 
+class Prefiller:
+    """The forward passes that read prompts: a group left-padded to a common length, or one prompt (a long one,
+    or a prefix-cache hit's new part) a slice at a time into a cache of its own; the legacy echo's prompt scores,
+    sent once. Each ends with what `BatchScheduler._join` takes: lengths, the prompts' cache, their mask and the
+    last position's logits."""
+
+    def __init__(self, loaded: LoadedModel, prefill_tokens: int, texts: TokenTexts) -> None:
+        self.loaded, self.prefill_tokens, self.texts = loaded, prefill_tokens, texts
+        self.cache_kw = cache_keyword(loaded.model)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.loaded.model.config)
+        cache.layers = [growing_layer()() for _ in cache.layers]
+        return cache
+
+    def chunked(self, family: Family, target: Batch | None) -> ChunkedPrefill:
+        """A prompt prefilled in slices into a cache of its own: from the start, or after the prefix it shares
+        with a cache entry (the cache then starts as views of the entry's first tokens; the first slice's forward
+        copies them into buffers of the row's own, so the entry is never written)."""
+        hit = family[0].hit
+        if hit is None:
+            return ChunkedPrefill(family, self.new_cache(), target)
+        entry, shared = hit
+        cache = self.new_cache()
+        for layer, (keys, values) in zip(cache.layers, entry.layers, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys[:, :, :shared], values[:, :, :shared]
+        for request in family:
+            request.reused = request.reused if request.cached else shared  # a preempted row's usage stays
+        return ChunkedPrefill(family, cache, target, done=shared)
+
+    def group(self, group: list[Family]) -> tuple[list[int], Any, Any, Any]:
+        """One forward over the newcomers' prompts, left-padded to a common length."""
+        import torch
+
+        lengths = [int(family[0].input_ids.shape[1]) for family in group]
+        longest = max(lengths)
+        ids = torch.zeros((len(group), longest), dtype=torch.long, device=group[0][0].input_ids.device)
+        mask = torch.zeros_like(ids)
+        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
+            ids[row, longest - length :] = family[0].input_ids[0]
+            mask[row, longest - length :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
+        cache = self.new_cache()
+        scored = any(family[0].params.prompt_logprobs for family in group)  # echo: every position's logits
+        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_kw: cache},
+                                   use_cache=True, logits_to_keep=0 if scored else 1).logits  # fmt: skip
+        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
+            if family[0].params.prompt_logprobs:
+                self.send_prompt_scores(family, list(self.score_slice(family[0], logits[row, longest - length :], 0)))
+        return lengths, cache, mask, logits[:, -1:, :]
+
+    def slice(self, chunked: ChunkedPrefill) -> tuple[Any, Any] | None:
+        """The next `prefill_tokens` of a chunked prompt into its cache; after the last, (its mask, its last
+        logits)."""
+        import torch
+
+        request, start = chunked.family[0], chunked.done
+        length = int(request.input_ids.shape[1])
+        end = min(start + self.prefill_tokens, length)
+        device = request.input_ids.device
+        scored = request.params.prompt_logprobs
+        logits = self.loaded.model(input_ids=request.input_ids[:, start:end],
+                                   attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                                   position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+                                   **{self.cache_kw: chunked.cache}, use_cache=True,
+                                   logits_to_keep=0 if scored else 1).logits  # fmt: skip
+        if scored:
+            chunked.scores.extend(self.score_slice(request, logits[0], start))
+        chunked.done = end
+        if end < length:
+            return None
+        if scored:
+            self.send_prompt_scores(chunked.family, chunked.scores)
+        return torch.ones((1, end), dtype=torch.long, device=device), logits[:, -1:, :]
+
+    def score_slice(self, request: BatchRequest, logits: Any, start: int) -> Iterator[TokenScore]:
+        """The prompt tokens that `logits` (positions `start`... of the prompt) predict, scored."""
+        prompt = request.input_ids[0].tolist()
+        k = request.params.logprobs or 0
+        if start == 0:
+            yield TokenScore(*_first_token(self.texts, prompt[0]))
+        logprobs = logits.float().log_softmax(-1)
+        for j in range(min(len(logits), len(prompt) - start - 1)):
+            yield self.texts.score(logprobs[j], prompt[start + j + 1], k)
+
+    @staticmethod
+    def send_prompt_scores(family: Family, scores: list[TokenScore]) -> None:
+        for request in family:
+            request.out.put(PromptScores(tuple(scores), request.choice))
+            request.params = replace(request.params, prompt_logprobs=False)  # once: a preempted row is not rescored
+
+
+class Stepper:
+    """The decode passes over one group of rows: a plain step (each row's newest token), or a verify pass over
+    their drafts; every token chosen by `RowSampler` and emitted through one per-token step."""
+
+    def __init__(self, loaded: LoadedModel, sampler: RowSampler, eos: set[int], texts: TokenTexts,
+                 fail: Callable[[list[BatchRequest], Exception, str], None]) -> None:  # fmt: skip
+        self.model, self.rows_sampler, self.eos, self.texts, self.fail = loaded.model, sampler, eos, texts, fail
+        self.cache_kw = cache_keyword(loaded.model)
+
+    def plain(self, batch: Batch) -> None:
+        """Each row's newest token through the model, then each row's next token chosen and emitted."""
+        ids, mask, positions = batch.step_inputs()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
+        tokens = self.rows_sampler.sample(logits[:, -1, :], batch.requests)
+        batch.next_tokens = tokens.view(-1, 1)
+        for request, token in zip(batch.requests, tokens.tolist(), strict=True):
+            request.cached += 1
+            self.emit(request, int(token))
+
+    def verify(self, batch: Batch, drafts: list[list[int]], positions: int) -> list[int]:
+        """One pass over each row's newest token and its draft (`positions` a row; a shorter draft padded). Each
+        position's token is chosen exactly as a plain step would choose it (adjustments, grammar mask, greedy or
+        the row's sampler seeded by position) and emitted; a row goes on while its token equals its draft's, so
+        the output is what plain decoding gives. The rejected tail is cut from the cache, or masked out in a
+        row that took fewer than another. Returns the tokens each row took (its draft's accepted ones and one)."""
+        import torch
+
+        rows, width = len(batch), batch.width()
+        device = batch.mask.device
+        padded = [draft + [0] * (positions - 1 - len(draft)) for draft in drafts]
+        ids = torch.cat([batch.next_tokens, torch.tensor(padded, dtype=torch.long, device=device)], dim=1)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(rows, positions)], dim=1)
+        at = torch.tensor([[r.cached] for r in batch.requests], device=device) + torch.arange(positions, device=device)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=at,
+                            **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
+        taken, last, alive = [0] * rows, [0] * rows, list(range(rows))
+        for j in range(positions):
+            requests = [batch.requests[r] for r in alive]
+            tokens = self.rows_sampler.sample(logits[alive, j, :], requests).tolist()
+            going = []
+            for r, request, token in zip(alive, requests, tokens, strict=True):
+                taken[r], last[r] = j + 1, token
+                self.emit(request, token)
+                if not request.done and j < len(drafts[r]) and token == drafts[r][j]:
+                    going.append(r)
+            alive = going
+        kept = max(taken)
+        for layer in batch.cache.layers:
+            layer.crop(width + kept)
+        batch.mask = mask[:, : width + kept]
+        for r, request in enumerate(batch.requests):
+            batch.mask[r, width + taken[r] :] = 0
+            request.cached += taken[r]
+        batch.next_tokens = torch.tensor(last, device=device).view(-1, 1)
+        if batch.holes() > SPEC_HOLES_SHARE:
+            batch.compact()
+        return taken
+
+    def emit(self, request: BatchRequest, token: int) -> None:
+        """The per-token step of the batch: counts, end of text, the grammar, logprobs, the decoder, max_tokens."""
+        if request.done:
+            return  # its constraint failed at this step
+        request.generated += 1
+        request.history.append(token)
+        count_token(request, token)
+        ends = token in self.eos and not request.params.ignore_eos
+        if request.constraint is not None and not ends:
+            try:
+                request.constraint.advance(token)
+            except ConstraintError as exc:
+                self.fail([request], exc, "constrained decoding")
+                return
+        scores, request.scores = request.scores, None
+        score = self.texts.score(scores, token, request.params.logprobs or 0) if scores is not None else None
+        text = request.accept(token, ends, score)
+        if text is None:
+            request.finish("stop")
+            return
+        request.put(text)
+        if request.constraint is not None and request.constraint.complete:
+            request.finish("stop")  # the output is whole: end now rather than spend a step on end-of-text
+        elif request.generated >= request.params.max_new_tokens:
+            request.finish("length")
+
+
+class Rows:
+    """The batch's rows and their KV memory: the groups (each a `Batch`: its own rectangle and forward pass), the
+    chunked prefill in progress, and the waiting queue; where newcomers go within the budget (`fits`), which rows
+    give way when a step would pass it (`make_room`, `preempt`), and what is held."""
+
+    def __init__(self, kv: KvBudget, prefix: PrefixCache, prefill_tokens: int, max_batch: int, device: Any) -> None:
+        self.kv, self.prefix, self.device = kv, prefix, device
+        self.queue = PrefillQueue(prefix, prefill_tokens, max_batch, self.fits)
+        self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
+        self.batches: list[Batch] = []  # groups of rows, each its own rectangle and forward pass (KV_GROUPS)
+        self.target: Batch | None = None  # where the newcomers being admitted go (None: a new group)
+        self.joined = itertools.count()  # admission order: the youngest row is preempted first
+
+    def requests(self) -> list[BatchRequest]:
+        return [request for batch in self.batches for request in batch.requests]
+
+    def running(self) -> int:
+        return sum(map(len, self.batches))
+
+    def count(self) -> int:
+        return self.running() + (len(self.chunked.family) if self.chunked is not None else 0)
+
+    def idle(self) -> bool:
+        return not self.batches and self.chunked is None
+
+    def shed(self, exc: Exception) -> None:
+        """After an out-of-memory error in a step (other programs on the GPU, fragmentation, a budget set too
+        high): the budget drops to 90% of what was held, the prefix cache empties, and every row is preempted;
+        none fails. They come back as the lowered budget allows."""
+        held = sum(cache_bytes(batch.cache) for batch in self.batches) + self.prefix.held
+        self.kv.budget = int(min(self.kv.budget or held, held) * KV_OUT_OF_MEMORY_SHARE)
+        log.warning("out of memory in a step of %d rows (%s): KV budget lowered to %s; the rows wait to be "
+                    "prefilled again", self.running(), exc.__class__.__name__, size_text(self.kv.budget))  # fmt: skip
+        self.prefix.shrink(0)
+        for batch in list(self.batches):
+            self.preempt(batch, list(range(len(batch))))
+        self.release_memory()
+
+    def release_memory(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Each group's (rows, width) as admission plans it: a chunked prefill in progress counted in its target."""
+        shapes = [(len(batch), batch.width()) for batch in self.batches]
+        if self.chunked is not None:
+            rows, width = len(self.chunked.family), int(self.chunked.family[0].input_ids.shape[1])
+            if self.chunked.target in self.batches:
+                i = self.batches.index(self.chunked.target)
+                shapes[i] = (shapes[i][0] + rows, max(shapes[i][1], width))
+            else:
+                shapes.append((rows, width))
+        return shapes
+
+    def fits(self, rows: int, longest: int) -> bool:
+        """Whether `rows` more rows, the longest prompt `longest` tokens, may join now, and where
+        (`KvBudget.place`: a group they fit in, or a group of their own, so that a long row does not widen short
+        ones past the budget); the prefix cache gives way. Always when nothing else runs: a request alone must make
+        progress (the 400 at admission keeps it within the budget)."""
+        kv = self.kv
+        place, need = kv.place(self.shapes(), rows, longest, KV_GROUPS)
+        if self.idle() or kv.fits(need):
+            self.target = self.batches[place] if place < len(self.batches) else None
+            self.prefix.shrink(kv.budget - need if kv.budget is not None else self.prefix.budget)
+            kv.holding, kv.waiting = False, self.queue.waiting_rows()
+            return True
+        if not kv.holding:
+            log.warning("KV budget: holding requests back for memory (%s held of %s; %d more rows would need %s)",
+                        size_text(kv.held), size_text(kv.budget or 0), rows, size_text(need))  # fmt: skip
+        kv.holding, kv.waiting = True, self.queue.waiting_rows() + rows
+        return False
+
+    def preempt(self, batch: Batch, rows: list[int]) -> None:
+        """Takes rows out of a group, giving their memory back. Each goes to the front of the queue as it
+        stands (sampler, decoder, grammar, penalties), to be prefilled again from its prompt and the tokens it
+        has emitted: its stream pauses, then goes on; nothing sent is lost or sent twice. Exact for greedy up to
+        a prefill's numerics; a sampled row draws by (seed, position), so the same tokens."""
+        import torch
+
+        for row in sorted(rows, key=lambda row: batch.requests[row].joined, reverse=True):  # the oldest first in line
+            request = batch.requests[row]
+            emitted = request.input_ids.new_tensor([request.history])
+            request.input_ids, request.history, request.hit = torch.cat([request.input_ids, emitted], dim=1), [], None
+            self.queue.preempted.appendleft([request])
+        self.kv.preempted += len(rows)
+        self.kv.waiting = self.queue.waiting_rows()
+        self.keep(batch, [i for i in range(len(batch)) if i not in rows])
+
+    def keep(self, batch: Batch, keep: list[int]) -> None:
+        batch.keep(keep)
+        if not batch:
+            self.batches.remove(batch)
+        self.note_held()
+
+    def note_held(self, transient: int = 0) -> None:
+        chunked = self.chunked.cache if self.chunked is not None else None
+        live = sum(cache_bytes(batch.cache) for batch in self.batches) + cache_bytes(chunked)
+        self.kv.note(live + self.prefix.held, transient)
+
+    def make_room(self, batch: Batch, columns: int) -> None:
+        """Before a step that allocates a group's buffers anew: if every group together would pass the budget,
+        the prefix cache gives way, then the youngest rows of any group are preempted, until they fit. One row
+        always stays (alone, it fits: checked at admission)."""
+        kv = self.kv
+        while kv.budget is not None and batch and batch.width() + columns > batch.capacity():
+            others = sum(cache_bytes(b.cache) for b in self.batches if b is not batch)
+            chunked = cache_bytes(self.chunked.cache) if self.chunked is not None else 0
+            need = kv.rectangle(len(batch), batch.width() + columns) + others + chunked
+            if need <= kv.budget or self.running() == 1:
+                self.prefix.shrink(kv.budget - need)
+                return
+            group, row = max(((b, i) for b in self.batches for i in range(len(b))),
+                             key=lambda found: found[0].requests[found[1]].joined)  # fmt: skip
+            self.preempt(group, [row])
+
+    def wait_for_memory(self, group: list[Family]) -> None:
+        """Newcomers whose prefill ran out of memory beside running rows: the budget drops to 90% of what is
+        held, and they wait at the front of the queue."""
+        self.note_held()
+        self.kv.budget = int(min(self.kv.budget or self.kv.held, self.kv.held) * KV_OUT_OF_MEMORY_SHARE)
+        log.warning("out of memory in a prefill beside %d rows: KV budget lowered to %s; the newcomers wait",
+                    self.running(), size_text(self.kv.budget))  # fmt: skip
+        self.queue.preempted.extendleft(reversed(group))
+        self.release_memory()
+
+    def live_bytes(self) -> int:
+        """What the groups and the chunked prefill hold (the prefix cache aside)."""
+        return sum(cache_bytes(b.cache) for b in self.batches) + cache_bytes(self.chunked and self.chunked.cache)
+
+
 class BatchScheduler:
     """Continuous batching: one thread steps every active request together. Newcomers are prefilled before the
     next step, in left-padded groups of up to `prefill_tokens` prompt tokens, their KV cache merged into the
@@ -4486,22 +4799,19 @@ class BatchScheduler:
         self.max_batch = max_batch
         on_cpu = loaded.model.device.type == "cpu"
         self.prefill_tokens = prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else ACCELERATOR_PREFILL_TOKENS)
-        self.eos = eos_ids(loaded)
-        self.eos_index = torch.tensor(sorted(self.eos), device=loaded.model.device) if self.eos else None
-        self.texts = TokenTexts(loaded.tokenizer)
-        self.cache_kw = cache_keyword(loaded.model)
-        self.rows_sampler = RowSampler(Sampler(loaded.model.generation_config), self.eos_index, max_batch, self._fail)
-        self.queue = PrefillQueue(self.prefix, self.prefill_tokens, max_batch, self._fits)
-        self.chunked: ChunkedPrefill | None = None  # a prompt longer than `prefill_tokens`, prefilled in slices
-        self.batches: list[Batch] = []  # groups of rows, each its own rectangle and forward pass (KV_GROUPS)
-        self.target: Batch | None = None  # where the newcomers being admitted go (None: a new group)
-        self.joined = itertools.count()  # admission order: the youngest row is preempted first
+        eos = eos_ids(loaded)
+        eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
+        texts = TokenTexts(loaded.tokenizer)
+        self.prefiller = Prefiller(loaded, self.prefill_tokens, texts)
+        sampler = RowSampler(Sampler(loaded.model.generation_config), eos_index, max_batch, self._fail)
+        self.stepper = Stepper(loaded, sampler, eos, texts, self._fail)
+        self.rows = Rows(self.kv, self.prefix, self.prefill_tokens, max_batch, loaded.model.device)
         self.spec = Speculation(speculative_tokens) if speculative_tokens else None
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
     def submit(self, family: Family) -> None:
-        self.queue.pending.put(family)
+        self.rows.queue.pending.put(family)
 
     def _run(self) -> None:
         import torch
@@ -4511,22 +4821,16 @@ class BatchScheduler:
                 with torch.inference_mode():
                     self._admit()
                     self._drop_cancelled()
-                    if self.chunked is not None:
-                        self._prefill_chunk(self.chunked)
-                    for batch in list(self.batches):
+                    if self.rows.chunked is not None:
+                        self._prefill_chunk(self.rows.chunked)
+                    for batch in list(self.rows.batches):
                         self._step(batch)
             except Exception as exc:
-                if is_out_of_memory(exc) and self._running() > 1:
-                    self._shed(exc)
+                if is_out_of_memory(exc) and self.rows.running() > 1:
+                    self.rows.shed(exc)
                     continue
-                self._fail(self._requests(), self._alone(exc), "batched generation")  # the batch is lost
-                self.batches = []
-
-    def _requests(self) -> list[BatchRequest]:
-        return [request for batch in self.batches for request in batch.requests]
-
-    def _running(self) -> int:
-        return sum(map(len, self.batches))
+                self._fail(self.rows.requests(), self._alone(exc), "batched generation")  # the batch is lost
+                self.rows.batches = []
 
     def _alone(self, exc: Exception) -> Exception:
         """What a request that failed alone is told: out of memory, a clear 503; anything else as it is."""
@@ -4535,113 +4839,22 @@ class BatchScheduler:
         return DeviceOutOfMemory(f"the device ran out of memory for this request ({exc.__class__.__name__}); "
                                  "retry it with fewer tokens, or lower KV_CACHE_BYTES")  # fmt: skip
 
-    def _shed(self, exc: Exception) -> None:
-        """After an out-of-memory error in a step (other programs on the GPU, fragmentation, a budget set too
-        high): the budget drops to 90% of what was held, the prefix cache empties, and every row is preempted;
-        none fails. They come back as the lowered budget allows."""
-        held = sum(cache_bytes(batch.cache) for batch in self.batches) + self.prefix.held
-        self.kv.budget = int(min(self.kv.budget or held, held) * KV_OUT_OF_MEMORY_SHARE)
-        log.warning("out of memory in a step of %d rows (%s): KV budget lowered to %s; the rows wait to be "
-                    "prefilled again", self._running(), exc.__class__.__name__, size_text(self.kv.budget))  # fmt: skip
-        self.prefix.shrink(0)
-        for batch in list(self.batches):
-            self._preempt(batch, list(range(len(batch))))
-        self._release_memory()
-
-    def _release_memory(self) -> None:
-        import torch
-
-        if self.loaded.model.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _shapes(self) -> list[tuple[int, int]]:
-        """Each group's (rows, width) as admission plans it: a chunked prefill in progress counted in its target."""
-        shapes = [(len(batch), batch.width()) for batch in self.batches]
-        if self.chunked is not None:
-            rows, width = len(self.chunked.family), int(self.chunked.family[0].input_ids.shape[1])
-            if self.chunked.target in self.batches:
-                i = self.batches.index(self.chunked.target)
-                shapes[i] = (shapes[i][0] + rows, max(shapes[i][1], width))
-            else:
-                shapes.append((rows, width))
-        return shapes
-
-    def _fits(self, rows: int, longest: int) -> bool:
-        """Whether `rows` more rows, the longest prompt `longest` tokens, may join now, and where
-        (`KvBudget.place`: a group they fit in, or a group of their own, so that a long row does not widen short
-        ones past the budget); the prefix cache gives way. Always when nothing else runs: a request alone must make
-        progress (the 400 at admission keeps it within the budget)."""
-        kv = self.kv
-        place, need = kv.place(self._shapes(), rows, longest, KV_GROUPS)
-        if self._idle() or kv.fits(need):
-            self.target = self.batches[place] if place < len(self.batches) else None
-            self.prefix.shrink(kv.budget - need if kv.budget is not None else self.prefix.budget)
-            kv.holding, kv.waiting = False, self.queue.waiting_rows()
-            return True
-        if not kv.holding:
-            log.warning("KV budget: holding requests back for memory (%s held of %s; %d more rows would need %s)",
-                        size_text(kv.held), size_text(kv.budget or 0), rows, size_text(need))  # fmt: skip
-        kv.holding, kv.waiting = True, self.queue.waiting_rows() + rows
-        return False
-
-    def _preempt(self, batch: Batch, rows: list[int]) -> None:
-        """Takes rows out of a group, giving their memory back. Each goes to the front of the queue as it
-        stands (sampler, decoder, grammar, penalties), to be prefilled again from its prompt and the tokens it
-        has emitted: its stream pauses, then goes on; nothing sent is lost or sent twice. Exact for greedy up to
-        a prefill's numerics; a sampled row draws by (seed, position), so the same tokens."""
-        import torch
-
-        for row in sorted(rows, key=lambda row: batch.requests[row].joined, reverse=True):  # the oldest first in line
-            request = batch.requests[row]
-            emitted = request.input_ids.new_tensor([request.history])
-            request.input_ids, request.history, request.hit = torch.cat([request.input_ids, emitted], dim=1), [], None
-            self.queue.preempted.appendleft([request])
-        self.kv.preempted += len(rows)
-        self.kv.waiting = self.queue.waiting_rows()
-        self._keep(batch, [i for i in range(len(batch)) if i not in rows])
-
-    def _keep(self, batch: Batch, keep: list[int]) -> None:
-        batch.keep(keep)
-        if not batch:
-            self.batches.remove(batch)
-        self._note_held()
-
-    def _note_held(self, transient: int = 0) -> None:
-        chunked = self.chunked.cache if self.chunked is not None else None
-        live = sum(cache_bytes(batch.cache) for batch in self.batches) + cache_bytes(chunked)
-        self.kv.note(live + self.prefix.held, transient)
-
-    def _make_room_for_step(self, batch: Batch, columns: int) -> None:
-        """Before a step that allocates a group's buffers anew: if every group together would pass the budget,
-        the prefix cache gives way, then the youngest rows of any group are preempted, until they fit. One row
-        always stays (alone, it fits: checked at admission)."""
-        kv = self.kv
-        while kv.budget is not None and batch and batch.width() + columns > batch.capacity():
-            others = sum(cache_bytes(b.cache) for b in self.batches if b is not batch)
-            chunked = cache_bytes(self.chunked.cache) if self.chunked is not None else 0
-            need = kv.rectangle(len(batch), batch.width() + columns) + others + chunked
-            if need <= kv.budget or self._running() == 1:
-                self.prefix.shrink(kv.budget - need)
-                return
-            group, row = max(((b, i) for b in self.batches for i in range(len(b))),
-                             key=lambda found: found[0].requests[found[1]].joined)  # fmt: skip
-            self._preempt(group, [row])
-
     def _admit(self) -> None:
         """Prefills everyone waiting, group by group, before the next decode step (prefill first, as vLLM does):
         a newcomer waits for at most one step plus the prefills ahead of it, and requests that arrive during a
         prefill join the next group instead of waiting behind a step. A prompt longer than `prefill_tokens` is
         prefilled in slices instead, one per step (`_prefill_chunk`), so it does not stall the others."""
-        while self._rows() < self.max_batch and (group := self.queue.next_group(self._rows(), wait=self._idle())):
+        rows = self.rows
+        while rows.count() < self.max_batch and (group := rows.queue.next_group(rows.count(), wait=rows.idle())):
             first = group[0][0]
             left = int(first.input_ids.shape[1]) - (first.hit[1] if first.hit is not None else 0)
             if len(group) == 1 and (left > self.prefill_tokens or first.hit is not None):
-                if self.chunked is not None:
-                    self.queue.held = group[0]  # one such prompt at a time; it waits for the current one
+                if self.rows.chunked is not None:
+                    self.rows.queue.held = group[0]  # one such prompt at a time; it waits for the current one
                     return
-                self.chunked = self._chunked_prefill(group[0])
+                self.rows.chunked = self.prefiller.chunked(group[0], self.rows.target)
                 if left <= self.prefill_tokens:  # a cache hit with a short new part: its one slice now
-                    self._prefill_chunk(self.chunked)
+                    self._prefill_chunk(self.rows.chunked)
                 continue
             try:
                 self._prefill(group)
@@ -4651,21 +4864,10 @@ class BatchScheduler:
     def _failed_prefill(self, group: list[Family], exc: Exception) -> None:
         """Newcomers whose prefill failed: out of memory while others run, they wait at the front of the queue
         (the budget lowered to 90% of what is held); otherwise they fail, and the batch goes on."""
-        if is_out_of_memory(exc) and self.batches:
-            self._note_held()
-            self.kv.budget = int(min(self.kv.budget or self.kv.held, self.kv.held) * KV_OUT_OF_MEMORY_SHARE)
-            log.warning("out of memory in a prefill beside %d rows: KV budget lowered to %s; the newcomers wait",
-                        self._running(), size_text(self.kv.budget))  # fmt: skip
-            self.queue.preempted.extendleft(reversed(group))
-            self._release_memory()
+        if is_out_of_memory(exc) and self.rows.batches:
+            self.rows.wait_for_memory(group)
             return
         self._fail([r for family in group for r in family], self._alone(exc), "prefill")
-
-    def _rows(self) -> int:
-        return self._running() + (len(self.chunked.family) if self.chunked is not None else 0)
-
-    def _idle(self) -> bool:
-        return not self.batches and self.chunked is None
 
     def _fail(self, requests: list[BatchRequest], exc: Exception, what: str) -> None:
         log.exception("%s failed", what)
@@ -4674,29 +4876,6 @@ class BatchScheduler:
             request.out.put(exc)
             request.out.put(_BATCH_END)
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.loaded.model.config)
-        cache.layers = [growing_layer()() for _ in cache.layers]
-        return cache
-
-    def _chunked_prefill(self, family: Family) -> ChunkedPrefill:
-        """A prompt prefilled in slices into a cache of its own: from the start, or after the prefix it shares
-        with a cache entry (the cache then starts as views of the entry's first tokens; the first slice's forward
-        copies them into buffers of the row's own, so the entry is never written)."""
-        hit = family[0].hit
-        if hit is None:
-            return ChunkedPrefill(family, self._new_cache(), self.target)
-        entry, shared = hit
-        cache = self._new_cache()
-        for layer, (keys, values) in zip(cache.layers, entry.layers, strict=True):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys[:, :, :shared], values[:, :, :shared]
-        for request in family:
-            request.reused = request.reused if request.cached else shared  # a preempted row's usage stays
-        return ChunkedPrefill(family, cache, self.target, done=shared)
-
     def _remember(self, request: BatchRequest, tokens: Any, row: int, batch: Batch) -> None:
         """`tokens` (int64 array) and their KV, the last `len(tokens)` real positions of `row` in the group's
         cache (holes skipped), into the prefix cache (copied: the live cache goes on changing)."""
@@ -4704,8 +4883,7 @@ class BatchScheduler:
             columns = batch.mask[row].nonzero().view(-1)[-len(tokens) :]
             rows = slice(row, row + 1)
             layers = [(layer.keys[rows, :, columns], layer.values[rows, :, columns]) for layer in batch.cache.layers]
-            live = sum(cache_bytes(b.cache) for b in self.batches) + cache_bytes(self.chunked and self.chunked.cache)
-            room = self.kv.budget - live if self.kv.budget is not None else None
+            room = self.kv.budget - self.rows.live_bytes() if self.kv.budget is not None else None
             self.prefix.store(request.params.cache_salt, tokens, layers, room)
 
     def _remember_answer(self, request: BatchRequest, row: int, batch: Batch) -> None:
@@ -4717,72 +4895,17 @@ class BatchScheduler:
         self._remember(request, fed[: request.cached], row, batch)
 
     def _prefill(self, group: list[Family]) -> None:
-        """One forward over the newcomers' prompts, left-padded to a common length; then they join the batch."""
-        import torch
-
-        lengths = [int(family[0].input_ids.shape[1]) for family in group]
-        longest = max(lengths)
-        ids = torch.zeros((len(group), longest), dtype=torch.long, device=group[0][0].input_ids.device)
-        mask = torch.zeros_like(ids)
-        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
-            ids[row, longest - length :] = family[0].input_ids[0]
-            mask[row, longest - length :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
-        cache = self._new_cache()
-        scored = any(family[0].params.prompt_logprobs for family in group)  # echo: every position's logits
-        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_kw: cache},
-                                   use_cache=True, logits_to_keep=0 if scored else 1).logits  # fmt: skip
-        for row, (family, length) in enumerate(zip(group, lengths, strict=True)):
-            if family[0].params.prompt_logprobs:
-                self._send_prompt_scores(family, list(self._score_slice(family[0], logits[row, longest - length :], 0)))
-        self._join(group, lengths, cache, mask, logits[:, -1:, :])
-
-    def _score_slice(self, request: BatchRequest, logits: Any, start: int) -> Iterator[TokenScore]:
-        """The prompt tokens that `logits` (positions `start`... of the prompt) predict, scored."""
-        prompt = request.input_ids[0].tolist()
-        k = request.params.logprobs or 0
-        if start == 0:
-            yield TokenScore(*_first_token(self.texts, prompt[0]))
-        logprobs = logits.float().log_softmax(-1)
-        for j in range(min(len(logits), len(prompt) - start - 1)):
-            yield self.texts.score(logprobs[j], prompt[start + j + 1], k)
-
-    @staticmethod
-    def _send_prompt_scores(family: Family, scores: list[TokenScore]) -> None:
-        for request in family:
-            request.out.put(PromptScores(tuple(scores), request.choice))
-            request.params = replace(request.params, prompt_logprobs=False)  # once: a preempted row is not rescored
+        self._join(group, *self.prefiller.group(group))
 
     def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
-        """The next `prefill_tokens` of a long prompt into its own cache; after the last, it joins the batch."""
-        import torch
-
-        request, start = chunked.family[0], chunked.done
-        length = int(request.input_ids.shape[1])
-        end = min(start + self.prefill_tokens, length)
-        device = request.input_ids.device
-        mask = torch.ones((1, end), dtype=torch.long, device=device)
-        scored = request.params.prompt_logprobs
+        """The next slice of the chunked prompt; after the last, it joins the group chosen at its admission."""
         try:
-            logits = self.loaded.model(
-                input_ids=request.input_ids[:, start:end],
-                attention_mask=mask,
-                position_ids=torch.arange(start, end, device=device).unsqueeze(0),
-                **{self.cache_kw: chunked.cache},
-                use_cache=True,
-                logits_to_keep=0 if scored else 1,
-            ).logits
-            if scored:
-                chunked.scores.extend(self._score_slice(request, logits[0], start))
-            chunked.done = end
-            if end == length:
-                self.chunked = None
-                if scored:
-                    self._send_prompt_scores(chunked.family, chunked.scores)
-                self.target = chunked.target
-                self._join([chunked.family], [length], chunked.cache, mask, logits[:, -1:, :])
+            whole = self.prefiller.slice(chunked)
+            if whole is not None:
+                self.rows.chunked, self.rows.target = None, chunked.target
+                self._join([chunked.family], [int(chunked.family[0].input_ids.shape[1])], chunked.cache, *whole)
         except Exception as exc:  # only this request fails, or waits; the batch goes on
-            self.chunked = None
+            self.rows.chunked = None
             self._failed_prefill([chunked.family], exc)
 
     def _join(self, group: list[Family], lengths: list[int], cache: Any, mask: Any, logits: Any) -> None:
@@ -4800,14 +4923,15 @@ class BatchScheduler:
         for request in requests:
             if not request.cached:
                 prepare_row(request, vocab_size(self.loaded))
-                request.joined = next(self.joined)
-        tokens = self.rows_sampler.sample(logits[:, -1, :], requests)
-        batch = self.target if self.target in self.batches else Batch()  # the group admission chose, or a new one
+                request.joined = next(self.rows.joined)
+        tokens = self.stepper.rows_sampler.sample(logits[:, -1, :], requests)
+        target = self.rows.target  # the group admission chose, or a new one
+        batch = target if target in self.rows.batches else Batch()
         first = len(batch)
         batch.merge(requests, cache, mask, tokens)
         if not first:
-            self.batches.append(batch)
-        self._note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
+            self.rows.batches.append(batch)
+        self.rows.note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
         row = first
         for family in group:  # its prompt, as the last positions of its first row
             self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, batch)
@@ -4817,14 +4941,14 @@ class BatchScheduler:
             if request.params.max_new_tokens == 0:
                 request.finish("length")
                 continue
-            self._emit(request, int(token))
+            self.stepper.emit(request, int(token))
         self._retire(batch)
 
     def _step(self, batch: Batch) -> None:
         """One pass over a group's rows: a plain step (each row's newest token), or a verify pass where drafts
         are expected to pay (`Speculation`). Timed for that choice."""
         spec = self.spec
-        self._make_room_for_step(batch, 1 + (spec.k if spec is not None else 0))
+        self.rows.make_room(batch, 1 + (spec.k if spec is not None else 0))
         if not batch:
             return  # all of it preempted
         started, rows = time.perf_counter(), len(batch)
@@ -4832,101 +4956,29 @@ class BatchScheduler:
         positions = 1 + max(map(len, drafts), default=0)
         expected = sum(1 + len(draft) * r.acceptance for draft, r in zip(drafts, batch.requests))  # noqa: B905
         if spec is not None and positions > 1 and spec.worth(rows, expected):
-            self._verify(batch, drafts, positions)
+            for request, draft, taken in zip(batch.requests, drafts, self.stepper.verify(batch, drafts, positions),
+                                             strict=True):  # fmt: skip
+                spec.taken(request, len(draft), taken - 1)
             spec.passes += 1
+            self.rows.note_held()
         else:
-            self._plain_step(batch)
+            grows = batch.width() + 1 > batch.capacity()
+            self.stepper.plain(batch)
             positions = 1
+            if grows:
+                self.rows.note_held()
         if spec is not None:
             spec.note(rows, positions > 1, time.perf_counter() - started)
         self._retire(batch)
 
-    def _plain_step(self, batch: Batch) -> None:
-        grows = batch.width() + 1 > batch.capacity()
-        ids, mask, positions = batch.step_inputs()
-        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                   **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
-        tokens = self.rows_sampler.sample(logits[:, -1, :], batch.requests)
-        batch.next_tokens = tokens.view(-1, 1)
-        for request, token in zip(batch.requests, tokens.tolist(), strict=True):
-            request.cached += 1
-            self._emit(request, int(token))
-        if grows:
-            self._note_held()
-
-    def _verify(self, batch: Batch, drafts: list[list[int]], positions: int) -> None:
-        """One pass over each row's newest token and its draft (`positions` a row; a shorter draft padded). Each
-        position's token is chosen exactly as a plain step would choose it (adjustments, grammar mask, greedy or
-        the row's sampler seeded by position) and emitted; a row goes on while its token equals its draft's, so
-        the output is what plain decoding gives. The rejected tail is cut from the cache, or masked out in a
-        row that took fewer than another."""
-        import torch
-
-        rows, width = len(batch), batch.width()
-        device = batch.mask.device
-        padded = [draft + [0] * (positions - 1 - len(draft)) for draft in drafts]
-        ids = torch.cat([batch.next_tokens, torch.tensor(padded, dtype=torch.long, device=device)], dim=1)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(rows, positions)], dim=1)
-        at = torch.tensor([[r.cached] for r in batch.requests], device=device) + torch.arange(positions, device=device)
-        logits = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=at,
-                                   **{self.cache_kw: batch.cache}, use_cache=True).logits  # fmt: skip
-        taken, last, alive = [0] * rows, [0] * rows, list(range(rows))
-        for j in range(positions):
-            requests = [batch.requests[r] for r in alive]
-            tokens = self.rows_sampler.sample(logits[alive, j, :], requests).tolist()
-            going = []
-            for r, request, token in zip(alive, requests, tokens, strict=True):
-                taken[r], last[r] = j + 1, token
-                self._emit(request, token)
-                if not request.done and j < len(drafts[r]) and token == drafts[r][j]:
-                    going.append(r)
-            alive = going
-        kept = max(taken)
-        for layer in batch.cache.layers:
-            layer.crop(width + kept)
-        batch.mask = mask[:, : width + kept]
-        for r, (request, draft) in enumerate(zip(batch.requests, drafts, strict=True)):
-            batch.mask[r, width + taken[r] :] = 0
-            request.cached += taken[r]
-            self.spec.taken(request, len(draft), taken[r] - 1) if self.spec is not None else None
-        batch.next_tokens = torch.tensor(last, device=device).view(-1, 1)
-        if batch.holes() > SPEC_HOLES_SHARE:
-            batch.compact()
-        self._note_held()
-
-    def _emit(self, request: BatchRequest, token: int) -> None:
-        if request.done:
-            return  # its constraint failed at this step
-        request.generated += 1
-        request.history.append(token)
-        count_token(request, token)
-        ends = token in self.eos and not request.params.ignore_eos
-        if request.constraint is not None and not ends:
-            try:
-                request.constraint.advance(token)
-            except ConstraintError as exc:
-                self._fail([request], exc, "constrained decoding")
-                return
-        scores, request.scores = request.scores, None
-        score = self.texts.score(scores, token, request.params.logprobs or 0) if scores is not None else None
-        text = request.accept(token, ends, score)
-        if text is None:
-            request.finish("stop")
-            return
-        request.put(text)
-        if request.constraint is not None and request.constraint.complete:
-            request.finish("stop")  # the output is whole: end now rather than spend a step on end-of-text
-        elif request.generated >= request.params.max_new_tokens:
-            request.finish("length")
-
     def _drop_cancelled(self) -> None:
-        if self.chunked is not None and all(r.stopped for r in self.chunked.family):
-            family, self.chunked = self.chunked.family, None  # before finish(): its reader may look at once
+        if self.rows.chunked is not None and all(r.stopped for r in self.rows.chunked.family):
+            family, self.rows.chunked = self.rows.chunked.family, None  # before finish(): its reader may look at once
             for request in family:
                 request.finish("cancelled")
-        self.queue.drop_stopped()
-        self.kv.waiting = self.queue.waiting_rows()
-        for batch in list(self.batches):
+        self.rows.queue.drop_stopped()
+        self.kv.waiting = self.rows.queue.waiting_rows()
+        for batch in list(self.rows.batches):
             for request in batch.requests:
                 if request.stopped and not request.done:
                     request.finish("cancelled")  # stops at this step: its row is not computed again
@@ -4941,7 +4993,7 @@ class BatchScheduler:
         for row, request in enumerate(batch.requests):
             if request.done and request.cached > 1:
                 self._remember_answer(request, row, batch)
-        self._keep(batch, keep)
+        self.rows.keep(batch, keep)
 
 
 def batchable(loaded: LoadedModel) -> bool:

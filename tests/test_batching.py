@@ -428,7 +428,7 @@ def test_cancel_during_a_sliced_prefill_ends_only_that_request(
     scheduler._prefill_chunk = lambda chunked: (chunk(chunked), cancel.set())[0]  # type: ignore[method-assign]
     text, finished = run(engine, LONG_QUESTION, greedy(10), cancel)
     assert (text, finished.finish_reason, finished.completion_tokens) == ("", "cancelled", 0)
-    assert scheduler.chunked is None
+    assert scheduler.rows.chunked is None
     scheduler._prefill_chunk = chunk  # type: ignore[method-assign]
     assert run(engine, QUESTIONS[0], greedy(12))[0] == run(reference, QUESTIONS[0], greedy(12))[0]
 
@@ -504,7 +504,7 @@ def test_a_failed_step_fails_the_batch_and_the_next_request_is_served(
     scheduler._step = failing_step  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match=r"^step broke$"):
         run(engine, QUESTIONS[0], greedy(10))
-    assert scheduler.batches == []
+    assert scheduler.rows.batches == []
     assert run(engine, QUESTIONS[1], greedy(10)) == run(reference, QUESTIONS[1], greedy(10))
 
 
@@ -544,8 +544,8 @@ def test_a_merge_that_fails_part_way_fails_only_the_newcomers(
     def join_breaking_the_last_layer(
         requests: list[main.BatchRequest], lengths: list[int], cache: Any, mask: Any, logits: Any
     ) -> None:
-        if scheduler.batches:  # joining a running batch: layer 0 merges, the last layer cannot
-            padded_old.append(mask.shape[1] > scheduler.batches[0].mask.shape[1])
+        if scheduler.rows.batches:  # joining a running batch: layer 0 merges, the last layer cannot
+            padded_old.append(mask.shape[1] > scheduler.rows.batches[0].mask.shape[1])
             cache.layers[-1].keys = cache.layers[-1].keys[:, :1]  # one head too few: its torch.cat raises
         join(requests, lengths, cache, mask, logits)
         decoding.set()

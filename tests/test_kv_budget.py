@@ -135,7 +135,7 @@ def test_short_rows_run_beside_a_long_one_in_a_group_of_their_own(
     engine, scheduler = budgeted(tiny_model_dir, 2_000_000)
     groups: list[int] = []
     step = scheduler._step
-    scheduler._step = lambda batch: (groups.append(len(scheduler.batches)), step(batch))[1]  # type: ignore[method-assign]
+    scheduler._step = lambda batch: (groups.append(len(scheduler.rows.batches)), step(batch))[1]  # type: ignore[method-assign]
     jobs = [(LONG, 300)] + [(question, 100) for question in SHORT]
     answers = concurrently(*[lambda q=q, m=m: run(engine, q, greedy(m, ignore_eos=True)) for q, m in jobs])
     assert answers == [run(reference, q, greedy(m, ignore_eos=True)) for q, m in jobs]

@@ -179,7 +179,7 @@ def test_rows_that_continue_from_an_entry_never_write_into_it(
 def settled(scheduler: main.BatchScheduler) -> None:
     """Waits until the batch thread has retired every row (and stored their entries)."""
     deadline = time.monotonic() + 30
-    while scheduler.batches or scheduler.chunked is not None:
+    while scheduler.rows.batches or scheduler.rows.chunked is not None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
