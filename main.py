@@ -3851,17 +3851,8 @@ def make_row(
                         generated=len(state.tokens), seed=seed, resumed=state.tokens)  # fmt: skip
 
 
-# ==== 11. Batching ==================================================================================================
-# The continuous batch: prefill planning and admission, the batch's KV cache, sampling, the loop.
-
-
-BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
-
-
-CPU_PREFILL_TOKENS = 256  # default prefill group size on CPU: measured, see BatchScheduler._next_group
-
-
-ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free up to thousands of tokens
+# ==== 11. KV memory =================================================================================================
+# The batch's key/value cache: growing buffers, the prefix cache, the KV budget, a group of rows as a rectangle.
 
 
 KV_ROOM_TOKENS = 256  # a batch's key/value buffers grow by this many positions at a time
@@ -3928,15 +3919,6 @@ def growing_layer() -> type:
             return buffers
 
     return GrowingLayer
-
-
-def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bool:
-    """Whether a prompt of `length` tokens joins a prefill group of `size` prompts (the longest `longest`) within
-    `budget` padded tokens. The first prompt of a group always does, however long."""
-    return size == 0 or (size + 1) * max(longest, length) <= budget
-
-
-Family = list[BatchRequest]  # one prompt's rows: its n choices
 
 
 PREFIX_CACHE_CPU_BYTES = 1 << 30  # the automatic budget on a CPU; on a GPU a share of its memory:
@@ -4146,6 +4128,131 @@ class KvBudget:
     def stats(self) -> dict[str, int]:
         return {"bytes": self.held, "peak_bytes": self.peak, "budget_bytes": self.budget or 0,
                 "waiting_rows": self.waiting, "preempted": self.preempted}  # fmt: skip
+
+
+class Batch:
+    """The running rows and their KV cache: one row per request, left-padded to the longest (a rectangle;
+    `mask` is 0 on padding), each row's newest token sampled but not yet in the cache."""
+
+    def __init__(self) -> None:
+        self.requests: list[BatchRequest] = []
+        self.cache: Any = None  # a DynamicCache of `GrowingLayer`s, one row per request
+        self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
+        self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def clear(self) -> None:
+        self.requests, self.cache, self.mask, self.next_tokens = [], None, None, None
+
+    def merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
+        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask. All or nothing:
+        a failure part-way (a `torch.cat` out of GPU memory, say) puts back the layers merged so far, so that only
+        the newcomers fail and the running rows go on. Keeping the old tensors until the end costs at most the
+        batch's old cache, and usually nothing: once stepped, a `GrowingLayer`'s buffers hold them anyway."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.cache is None:
+            self.requests.extend(requests)
+            self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
+        merged: list[tuple[Any, Any, Any]] = []  # (layer, its keys, its values) before the merge
+        try:
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+                values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+                merged.append((old, old.keys, old.values))
+                old.keys, old.values = keys, values
+            self.mask, self.next_tokens = (torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))]),
+                                           torch.cat([self.next_tokens, tokens.view(-1, 1)]))  # fmt: skip
+        except Exception:
+            for layer, keys, values in merged:
+                layer.keys, layer.values = keys, values
+            raise
+        for layer in self.cache.layers:
+            layer.buffers = None  # the old buffers go now; the next update adopts the merged copy
+        self.requests.extend(requests)
+
+    def width(self) -> int:
+        return int(self.mask.shape[1]) if self.mask is not None else 0
+
+    def capacity(self) -> int:
+        """Positions the buffers hold before the next step must allocate (0: that step adopts the cache into new
+        buffers: after a merge, a trim, or a prefill)."""
+        layer = self.cache.layers[0] if self.cache is not None else None
+        if layer is None or layer.buffers is None or layer.keys is not layer.views[0]:
+            return 0
+        return int(layer.buffers[0].shape[-2])
+
+    def holes(self) -> float:
+        """The share of the rectangle that is padding inside rows (rejected draft positions), not at their left."""
+        real = self.mask.sum(dim=1)
+        spans = self.mask.shape[1] - self.mask.argmax(dim=1)  # from each row's first real column to the end
+        return float((spans - real).sum() / max(int(self.mask.numel()), 1))
+
+    def compact(self) -> None:
+        """Moves each row's real columns to the right end, as a merge lays them out (holes become left padding,
+        which `keep` trims): one gather per layer."""
+        import torch
+
+        width = int(self.mask.sum(dim=1).max())
+        index = torch.sort(self.mask, dim=1, stable=True).indices[:, -width:]  # padding first, then the real ones
+        self.mask = self.mask.gather(1, index)
+        for layer in self.cache.layers:
+            at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
+            layer.buffers = None  # the old buffers go now; the next update adopts the gathered copy
+
+    def step_inputs(self) -> tuple[Any, Any, Any]:
+        """(input ids, attention mask, position ids) of the next decode step: the mask gains the new column."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
+        positions = torch.tensor([[r.cached] for r in self.requests], device=self.mask.device)
+        return self.next_tokens, self.mask, positions
+
+    def keep(self, keep: list[int]) -> None:
+        """Keeps the rows at `keep`, then drops left-padding columns that no remaining row needs."""
+        if not keep:
+            self.clear()
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.requests = [self.requests[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_tokens = self.mask[index], self.next_tokens[index]
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
+# ==== 12. Batching ==================================================================================================
+# The continuous batch: prefill planning and admission, sampling, speculation, the passes, the loop.
+
+
+BATCH_IDLE_WAIT_SECONDS = 0.5  # how long the batch thread sleeps on an empty queue before looking again
+
+
+CPU_PREFILL_TOKENS = 256  # default prefill group size on CPU: measured, see BatchScheduler._next_group
+
+
+ACCELERATOR_PREFILL_TOKENS = 4096  # elsewhere a prefill forward is nearly free up to thousands of tokens
+
+
+def joins_prefill_group(size: int, longest: int, length: int, budget: int) -> bool:
+    """Whether a prompt of `length` tokens joins a prefill group of `size` prompts (the longest `longest`) within
+    `budget` padded tokens. The first prompt of a group always does, however long."""
+    return size == 0 or (size + 1) * max(longest, length) <= budget
+
+
+Family = list[BatchRequest]  # one prompt's rows: its n choices
 
 
 @dataclass
@@ -4359,109 +4466,6 @@ class Speculation:
         if drafted:
             share = accepted / drafted
             request.acceptance = SPEC_SMOOTHING * request.acceptance + (1 - SPEC_SMOOTHING) * share
-
-
-class Batch:
-    """The running rows and their KV cache: one row per request, left-padded to the longest (a rectangle;
-    `mask` is 0 on padding), each row's newest token sampled but not yet in the cache."""
-
-    def __init__(self) -> None:
-        self.requests: list[BatchRequest] = []
-        self.cache: Any = None  # a DynamicCache of `GrowingLayer`s, one row per request
-        self.mask: Any = None  # (rows, cache length): 0 where a row is left padding
-        self.next_tokens: Any = None  # (rows, 1): each row's newest token, not yet in the cache
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def clear(self) -> None:
-        self.requests, self.cache, self.mask, self.next_tokens = [], None, None, None
-
-    def merge(self, requests: list[BatchRequest], cache: Any, mask: Any, tokens: Any) -> None:
-        """Adds prefilled rows to the batch, left-padding the shorter side's keys, values and mask. All or nothing:
-        a failure part-way (a `torch.cat` out of GPU memory, say) puts back the layers merged so far, so that only
-        the newcomers fail and the running rows go on. Keeping the old tensors until the end costs at most the
-        batch's old cache, and usually nothing: once stepped, a `GrowingLayer`'s buffers hold them anyway."""
-        import torch
-        import torch.nn.functional as F
-
-        if self.cache is None:
-            self.requests.extend(requests)
-            self.cache, self.mask, self.next_tokens = cache, mask, tokens.view(-1, 1)
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        pad_old, pad_new = length - self.mask.shape[1], length - mask.shape[1]
-        merged: list[tuple[Any, Any, Any]] = []  # (layer, its keys, its values) before the merge
-        try:
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-                values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-                merged.append((old, old.keys, old.values))
-                old.keys, old.values = keys, values
-            self.mask, self.next_tokens = (torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))]),
-                                           torch.cat([self.next_tokens, tokens.view(-1, 1)]))  # fmt: skip
-        except Exception:
-            for layer, keys, values in merged:
-                layer.keys, layer.values = keys, values
-            raise
-        for layer in self.cache.layers:
-            layer.buffers = None  # the old buffers go now; the next update adopts the merged copy
-        self.requests.extend(requests)
-
-    def width(self) -> int:
-        return int(self.mask.shape[1]) if self.mask is not None else 0
-
-    def capacity(self) -> int:
-        """Positions the buffers hold before the next step must allocate (0: that step adopts the cache into new
-        buffers: after a merge, a trim, or a prefill)."""
-        layer = self.cache.layers[0] if self.cache is not None else None
-        if layer is None or layer.buffers is None or layer.keys is not layer.views[0]:
-            return 0
-        return int(layer.buffers[0].shape[-2])
-
-    def holes(self) -> float:
-        """The share of the rectangle that is padding inside rows (rejected draft positions), not at their left."""
-        real = self.mask.sum(dim=1)
-        spans = self.mask.shape[1] - self.mask.argmax(dim=1)  # from each row's first real column to the end
-        return float((spans - real).sum() / max(int(self.mask.numel()), 1))
-
-    def compact(self) -> None:
-        """Moves each row's real columns to the right end, as a merge lays them out (holes become left padding,
-        which `keep` trims): one gather per layer."""
-        import torch
-
-        width = int(self.mask.sum(dim=1).max())
-        index = torch.sort(self.mask, dim=1, stable=True).indices[:, -width:]  # padding first, then the real ones
-        self.mask = self.mask.gather(1, index)
-        for layer in self.cache.layers:
-            at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
-            layer.buffers = None  # the old buffers go now; the next update adopts the gathered copy
-
-    def step_inputs(self) -> tuple[Any, Any, Any]:
-        """(input ids, attention mask, position ids) of the next decode step: the mask gains the new column."""
-        import torch
-
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
-        positions = torch.tensor([[r.cached] for r in self.requests], device=self.mask.device)
-        return self.next_tokens, self.mask, positions
-
-    def keep(self, keep: list[int]) -> None:
-        """Keeps the rows at `keep`, then drops left-padding columns that no remaining row needs."""
-        if not keep:
-            self.clear()
-            return
-        import torch
-
-        index = torch.tensor(keep, device=self.mask.device)
-        self.requests = [self.requests[i] for i in keep]
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_tokens = self.mask[index], self.next_tokens[index]
-        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
-        if unused:
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
 
 class Prefiller:
@@ -5044,7 +5048,7 @@ def stream_batched(
         cancel.set()  # a reader that leaves takes its rows out at the next step
 
 
-# ==== 12. Serving engine ============================================================================================
+# ==== 13. Serving engine ============================================================================================
 # TransformersEngine: loads once, templates a prompt, streams it through the batch or generate().
 
 
@@ -5244,7 +5248,7 @@ class TransformersEngine:
         return self._scheduler
 
 
-# ==== 13. Sessions ==================================================================================================
+# ==== 14. Sessions ==================================================================================================
 # Ring buffer, session, store; continuation plans and journaled steps; following another
 # replica's session.
 
@@ -5687,7 +5691,7 @@ class SessionStore:
             del self.sessions[session.key]
 
 
-# ==== 14. Journals ==================================================================================================
+# ==== 15. Journals ==================================================================================================
 # The Journal protocols, one queued writer, the SQLite and Redis journals.
 
 
@@ -6411,7 +6415,7 @@ class SharedJournal(Journal, Protocol):
     def subscribe_cancels(self, on_cancel: Callable[[str], object], stop: threading.Event) -> None: ...
 
 
-# ==== 15. Runner ====================================================================================================
+# ==== 16. Runner ====================================================================================================
 # One generation into one session (admission gate, a renderer per choice), and its readers.
 
 
@@ -6952,7 +6956,7 @@ async def current_response(session: Session) -> dict[str, Any]:
     return fold_response(json.loads(session.meta.response_json), events)
 
 
-# ==== 16. Lifecycle =================================================================================================
+# ==== 17. Lifecycle =================================================================================================
 # Request orchestration (start, launch, cancel); journal open and recovery, replicas, sweeps,
 # shutdown.
 
@@ -7351,7 +7355,7 @@ async def preload(engine: Engine) -> None:
         await load_engine(engine)
 
 
-# ==== 17. HTTP ======================================================================================================
+# ==== 18. HTTP ======================================================================================================
 # create_app (route groups), middleware, OpenAPI, SSE responses, routes.
 
 
@@ -7860,7 +7864,7 @@ def add_health_routes(app: FastAPI, state: AppState) -> None:
         return Ready(status="ready", persistence=state.persistence())
 
 
-# ==== 18. Entrypoint ================================================================================================
+# ==== 19. Entrypoint ================================================================================================
 # main(): uvicorn.run(...), and the convert-gguf command.
 
 
