@@ -179,8 +179,11 @@ def _request(**fields: Any) -> main.ChatCompletionRequest:
     ("fields", "expected"),
     [
         ({}, main.GenerationParams(max_new_tokens=256, temperature=0.7)),
-        ({"max_tokens": 5}, main.GenerationParams(max_new_tokens=5, temperature=0.7)),
-        ({"max_tokens": 5, "max_completion_tokens": 9}, main.GenerationParams(max_new_tokens=9, temperature=0.7)),
+        ({"max_tokens": 5}, main.GenerationParams(max_new_tokens=5, temperature=0.7, asked_max_tokens=True)),
+        (
+            {"max_tokens": 5, "max_completion_tokens": 9},
+            main.GenerationParams(max_new_tokens=9, temperature=0.7, asked_max_tokens=True),
+        ),
         ({"temperature": 0}, main.GenerationParams(max_new_tokens=256, temperature=0.0)),
         (
             {"temperature": 1, "top_p": 0.5, "seed": 3},
