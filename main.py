@@ -3491,6 +3491,22 @@ def infer_prompt_scores(
     return score_prompt(texts, logits.float().log_softmax(-1), ids, params.logprobs or 0)
 
 
+def row_processors(loaded: LoadedModel, row: BatchRequest, prompt_tokens: int) -> Any:
+    """One choice's logits processors for `generate()`: the row's own work (logprobs, bias, penalties,
+    min_tokens), its grammar mask (advanced past any resumed tokens already), and for a sampled row the draw."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    eos = eos_ids(loaded)
+    eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
+    processors = LogitsProcessorList([_make_row_processor(row, prompt_tokens, eos_index)])
+    if row.constraint is not None:
+        processors.append(_make_constraint_processor(row.constraint, int(row.input_ids.shape[1]), vocab_size(loaded)))
+    if row.params.temperature > 0:
+        processors.append(_make_draw_processor(row, Sampler(loaded.model.generation_config)))
+    return processors
+
+
 def infer_choice(
     loaded: LoadedModel, texts: TokenTexts, prompt: PreparedPrompt, params: GenerationParams,
     cancel: threading.Event, end: threading.Event | None, choice: int, seed: int, resumed: tuple[int, ...] = (),
@@ -3498,7 +3514,7 @@ def infer_choice(
     """One choice through `generate()`; a continued one (`resumed`: the tokens it had emitted) re-prefills them
     after the prompt and goes on from there."""
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     eos = eos_ids(loaded)
     row = make_row(loaded, prompt, params, cancel, queue.Queue(), choice, seed, end, ChoiceResume(resumed))
@@ -3506,20 +3522,13 @@ def infer_choice(
     inputs = {**prompt.inputs, "input_ids": row.input_ids, "attention_mask": torch.ones_like(row.input_ids)}
     if not resumed:
         inputs = prompt.inputs  # media inputs (pixel values, grids) go as they are
-    eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
-    processors = LogitsProcessorList([_make_row_processor(row, prompt.prompt_tokens, eos_index)])
-    if row.constraint is not None:  # advanced past the resumed tokens already
-        processors.append(_make_constraint_processor(row.constraint, int(row.input_ids.shape[1]), vocab_size(loaded)))
-    if params.temperature > 0:
-        processors.append(_make_draw_processor(row, Sampler(loaded.model.generation_config)))
+    processors = row_processors(loaded, row, prompt.prompt_tokens)
     tokens: queue.Queue[object] = queue.Queue()
     k = params.logprobs or 0
-
-    def on_token(token: int) -> None:  # in generate's thread, right after the token is chosen
-        score = texts.score(row.scores, token, k) if row.scores is not None else None
-        tokens.put((token, score))
-
-    streamer = _make_token_streamer(on_token, lambda: tokens.put(_BATCH_END))
+    streamer = _make_token_streamer(  # on_token runs in generate's thread, right after the token is chosen
+        lambda token: tokens.put((token, texts.score(row.scores, token, k) if row.scores is not None else None)),
+        lambda: tokens.put(_BATCH_END),
+    )
     outcome: dict[str, Any] = {}
     leave = threading.Event()  # the reader left: this choice's generate stops (the next choice may still run)
     stopping = StoppingCriteriaList([_make_cancel_criteria(e) for e in (cancel, end, leave) if e is not None])
@@ -5428,6 +5437,15 @@ class ContinuePolicy:
     max_attempts: int
     max_age_seconds: float
 
+    def allows(self, session_id: str, attempts: int, created_at: float, now: float) -> bool:
+        if attempts >= self.max_attempts:
+            log.warning("session %s: continued %d time(s) already; ending it as interrupted", session_id, attempts)
+            return False
+        if now - created_at > self.max_age_seconds:
+            log.warning("session %s: older than CONTINUE_MAX_AGE_SECONDS; ending it as interrupted", session_id)
+            return False
+        return True
+
 
 @dataclass
 class Recovery:
@@ -5856,6 +5874,67 @@ class JournalOp:
     event: tuple[str, int] | None = None
 
 
+class SqliteRecovery:
+    """A start-up's pass over the sessions a server left behind in SQLite, on the journal's reading connection (its
+    lock held), in one transaction: each continued (its attempt counted) or interrupted (the interrupted tail
+    journaled; what a failed journal lost dropped)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def run(self, now: float, policy: ContinuePolicy | None) -> Recovery:
+        recovery, conn = Recovery(), self.conn
+        rows = conn.execute(
+            "SELECT id, lost_from, plan, attempts, created_at FROM sessions"
+            " WHERE state IN (?, ?) OR (lost_from IS NOT NULL AND state != ?)",
+            (SessionState.QUEUED, SessionState.RUNNING, SessionState.INTERRUPTED),
+        ).fetchall()
+        conn.execute("BEGIN")
+        for session_id, lost_from, plan, attempts, created_at in rows:
+            if (
+                lost_from is None
+                and policy is not None
+                and plan
+                and self._may_continue(session_id, policy, attempts, created_at, now)
+            ):
+                conn.execute("UPDATE sessions SET attempts = attempts + 1 WHERE id = ?", (session_id,))
+                recovery.continued.append(session_id)
+            elif self._recover(session_id, lost_from, now):
+                recovery.interrupted.append(session_id)
+        conn.execute("COMMIT")
+        return recovery
+
+    def _may_continue(self, session_id: str, policy: ContinuePolicy, attempts: int, created_at: float,
+                      now: float) -> bool:  # fmt: skip
+        return not self._ended_with_done(session_id) and policy.allows(session_id, attempts, created_at, now)
+
+    def _ended_with_done(self, session_id: str) -> bool:
+        (last,) = self.conn.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
+        return last is not None and self._event_at(session_id, last) == DONE
+
+    def _recover(self, session_id: str, lost_from: int | None, now: float) -> bool:
+        conn = self.conn
+        end = "UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?"
+        conn.execute("DELETE FROM steps WHERE session_id = ?", (session_id,))
+        if lost_from is not None:
+            conn.execute("DELETE FROM events WHERE session_id = ? AND idx >= ?", (session_id, lost_from))
+            conn.execute(end, (SessionState.INTERRUPTED, now, session_id))
+            return True
+        (last,) = conn.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
+        if last is not None and self._event_at(session_id, last) == DONE:  # it had ended; only its state was lost
+            conn.execute(end, (SessionState.FINISHED, now, session_id))
+            return False
+        for index, data in enumerate(interrupted_tail(), 0 if last is None else last + 1):
+            conn.execute("INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, index, data))
+        conn.execute(end, (SessionState.INTERRUPTED, now, session_id))
+        return True
+
+    def _event_at(self, session_id: str, index: int) -> str | None:
+        row = self.conn.execute("SELECT data FROM events WHERE session_id = ? AND idx = ?", (session_id, index))
+        found = row.fetchone()
+        return None if found is None else str(found[0])
+
+
 class SqliteJournal(QueuedWriter[JournalOp]):
     """Sessions and events in SQLite (WAL), written through the queued writer; reads use their own connection.
     A failed write stops persistence (logged, reported by /health) instead of failing requests."""
@@ -5993,66 +6072,8 @@ class SqliteJournal(QueuedWriter[JournalOp]):
         time is ended after `max_attempts`); else it is interrupted (journal the interrupted error and [DONE]).
         One whose journal failed part-way is interrupted after dropping what is past `lost_from` (a replay then
         says those events are lost rather than reuse indices clients hold)."""
-        recovery = Recovery()
         with self._read_lock:
-            conn = self._reader
-            rows = conn.execute(
-                "SELECT id, lost_from, plan, attempts, created_at FROM sessions"
-                " WHERE state IN (?, ?) OR (lost_from IS NOT NULL AND state != ?)",
-                (SessionState.QUEUED, SessionState.RUNNING, SessionState.INTERRUPTED),
-            ).fetchall()
-            conn.execute("BEGIN")
-            for session_id, lost_from, plan, attempts, created_at in rows:
-                if (
-                    lost_from is None
-                    and policy is not None
-                    and plan
-                    and self._may_continue(session_id, policy, attempts, created_at, now)
-                ):
-                    conn.execute("UPDATE sessions SET attempts = attempts + 1 WHERE id = ?", (session_id,))
-                    recovery.continued.append(session_id)
-                elif self._recover(session_id, lost_from, now):
-                    recovery.interrupted.append(session_id)
-            conn.execute("COMMIT")
-        return recovery
-
-    def _may_continue(self, session_id: str, policy: ContinuePolicy, attempts: int, created_at: float,
-                      now: float) -> bool:  # fmt: skip
-        if self._ended_with_done(session_id):
-            return False
-        if attempts >= policy.max_attempts:
-            log.warning("session %s: continued %d time(s) already; ending it as interrupted", session_id, attempts)
-            return False
-        if now - created_at > policy.max_age_seconds:
-            log.warning("session %s: older than CONTINUE_MAX_AGE_SECONDS; ending it as interrupted", session_id)
-            return False
-        return True
-
-    def _ended_with_done(self, session_id: str) -> bool:
-        (last,) = self._reader.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
-        return last is not None and self._event_at(session_id, last) == DONE
-
-    def _recover(self, session_id: str, lost_from: int | None, now: float) -> bool:
-        conn = self._reader
-        end = "UPDATE sessions SET state = ?, ended_at = ? WHERE id = ?"
-        conn.execute("DELETE FROM steps WHERE session_id = ?", (session_id,))
-        if lost_from is not None:
-            conn.execute("DELETE FROM events WHERE session_id = ? AND idx >= ?", (session_id, lost_from))
-            conn.execute(end, (SessionState.INTERRUPTED, now, session_id))
-            return True
-        (last,) = conn.execute("SELECT MAX(idx) FROM events WHERE session_id = ?", (session_id,)).fetchone()
-        if last is not None and self._event_at(session_id, last) == DONE:  # it had ended; only its state was lost
-            conn.execute(end, (SessionState.FINISHED, now, session_id))
-            return False
-        for index, data in enumerate(interrupted_tail(), 0 if last is None else last + 1):
-            conn.execute("INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)", (session_id, index, data))
-        conn.execute(end, (SessionState.INTERRUPTED, now, session_id))
-        return True
-
-    def _event_at(self, session_id: str, index: int) -> str | None:
-        row = self._reader.execute("SELECT data FROM events WHERE session_id = ? AND idx = ?", (session_id, index))
-        found = row.fetchone()
-        return None if found is None else str(found[0])
+            return SqliteRecovery(self._reader).run(now, policy)
 
     def delete_ended_before(self, cutoff: float) -> int:
         self.flush()
@@ -6324,9 +6345,8 @@ class RedisJournal(QueuedWriter[RedisOp]):
             if not fields or fields.get("state") in SessionState.ENDED:
                 self.client.srem("llm:running", session_id)
                 continue
-            attempts = int(fields.get("attempts") or 0)
-            allowed = policy is not None and fields.get("plan") and attempts < policy.max_attempts
-            if allowed and now - float(fields["created_at"]) <= policy.max_age_seconds:  # type: ignore[union-attr]
+            attempts, created_at = int(fields.get("attempts") or 0), float(fields["created_at"])
+            if policy is not None and fields.get("plan") and policy.allows(session_id, attempts, created_at, now):
                 self.client.hincrby(meta_hash, "attempts", 1)
                 self.client.hset(meta_hash, "owner", self.replica)
                 recovery.continued.append(session_id)
