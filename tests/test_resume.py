@@ -320,7 +320,7 @@ def test_cancel_a_json_request_returns_the_partial_text(slow_server: Callable[..
 def test_cancel_stops_the_real_model_thread(tiny_model_dir: Path, live_server: Callable[..., LiveServer]) -> None:
     settings = make_settings(model_repo_id=str(tiny_model_dir), temperature=0, device_map="cpu")
     server = live_server(settings)
-    body = {"messages": QUESTION, "stream": True, "max_tokens": 5000, "session_id": "real-cancel"}
+    body = {"messages": QUESTION, "stream": True, "max_tokens": 1900, "session_id": "real-cancel"}  # context 2,048
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
         stream = iter_sse(response)
         head = [next(stream) for _ in range(4)]
@@ -329,7 +329,7 @@ def test_cancel_stops_the_real_model_thread(tiny_model_dir: Path, live_server: C
     assert answer["state"] == "cancelled"
     events = [(int(i.rpartition(":")[2]), d) for i, d in head + rest if i]
     assert finish_reason_of(events) == "stop"  # the spec's value; the state says cancelled
-    assert len(content_of(events).split()) < 2500
+    assert len(content_of(events).split()) < 1500
     assert [t for t in threading.enumerate() if t.name in ("generate", "engine-pump")] == []
 
 
