@@ -3750,6 +3750,16 @@ class BatchRequest:
     hit: tuple[PrefixEntry, int] | None = None  # the prefix-cache entry it starts from, and how many tokens of it
     joined: int = 0  # its place in admission order (the youngest row is preempted first)
     acceptance: float = SPEC_PRIOR_ACCEPTANCE  # the share of its drafted tokens it took lately (speculation)
+    prompt_ids: Any = None  # input_ids as an int64 numpy array, copied from the device once; None: not yet
+
+    def fed(self) -> Any:
+        """Every token fed so far, prompt and sampled, as an int64 numpy array (prefix lookups, drafts, entries):
+        the prompt is copied from the device once, not at every step."""
+        import numpy as np
+
+        if self.prompt_ids is None:
+            self.prompt_ids = self.input_ids[0].cpu().numpy()
+        return np.concatenate([self.prompt_ids, np.asarray(self.history, dtype=np.int64)])
 
     @property
     def stopped(self) -> bool:
@@ -4357,7 +4367,7 @@ class PrefillQueue:
         """The longest cached prefix of a newcomer's prompt, once, when it is taken from the queue. Not for the
         legacy echo with logprobs: it needs the logits of every prompt position."""
         if self.prefix.budget and not request.params.prompt_logprobs:
-            request.hit = self.prefix.lookup(request.params.cache_salt, request.input_ids[0].cpu().numpy())
+            request.hit = self.prefix.lookup(request.params.cache_salt, request.fed())
 
 
 class RowSampler:
@@ -4456,13 +4466,11 @@ class Speculation:
     def drafts(self, requests: list[BatchRequest]) -> list[list[int]]:
         """Each row's draft: prompt lookup over its tokens, cut where its grammar would refuse a token and where
         max_tokens would end it. A row that does not draft drifts back towards the prior acceptance."""
-        import numpy as np
 
         drafts = []
         for request in requests:
             left = request.params.max_new_tokens - request.generated - 1  # the pass's own token comes on top
-            tokens = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, np.int64)])
-            draft = draft_tokens(tokens, min(self.k, left)) if left > 0 else []
+            draft = draft_tokens(request.fed(), min(self.k, left)) if left > 0 else []
             if draft and request.constraint is not None:
                 draft = draft[: request.constraint.valid_prefix(draft)]
             if not draft:
@@ -4723,7 +4731,8 @@ class Rows:
         place, need = kv.place(self.shapes(), rows, longest, KV_GROUPS)
         if self.idle() or kv.fits(need):
             self.target = self.batches[place] if place < len(self.batches) else None
-            self.prefix.shrink(kv.budget - need if kv.budget is not None else self.prefix.budget)
+            if kv.budget is not None:
+                self.prefix.shrink(kv.budget - need)
             kv.holding, kv.waiting = False, self.queue.waiting_rows()
             return True
         if not kv.holding:
@@ -4743,6 +4752,7 @@ class Rows:
             request = batch.requests[row]
             emitted = request.input_ids.new_tensor([request.history])
             request.input_ids, request.history, request.hit = torch.cat([request.input_ids, emitted], dim=1), [], None
+            request.prompt_ids = None
             self.queue.preempted.appendleft([request])
         self.kv.preempted += len(rows)
         self.kv.waiting = self.queue.waiting_rows()
@@ -4902,10 +4912,8 @@ class BatchScheduler:
     def _remember_answer(self, request: BatchRequest, row: int, batch: Batch) -> None:
         """A finished row's prompt and answer: the next turn of a conversation starts with them when the chat
         template writes the answer back as it was generated."""
-        import numpy as np
 
-        fed = np.concatenate([request.input_ids[0].cpu().numpy(), np.asarray(request.history, dtype=np.int64)])
-        self._remember(request, fed[: request.cached], row, batch)
+        self._remember(request, request.fed()[: request.cached], row, batch)
 
     def _prefill(self, group: list[Family]) -> None:
         self._join(group, *self.prefiller.group(group))
@@ -4947,7 +4955,7 @@ class BatchScheduler:
         self.rows.note_held(transient=cache_bytes(cache) if first else 0)  # the old rows, their merged copy, the new
         row = first
         for family in group:  # its prompt, as the last positions of its first row
-            self._remember(family[0], family[0].input_ids[0].cpu().numpy(), row, batch)
+            self._remember(family[0], family[0].fed(), row, batch)
             row += len(family)
         for request, length, token in zip(requests, lengths, tokens.tolist(), strict=True):
             request.cached = length
