@@ -3123,24 +3123,74 @@ def load_pil_vision(source: str, token: str | None, config: Any, tokenizer: Any)
     return PilVision(tokenizer, image_processor, image_token)
 
 
-def store_output_head_transposed(model: Any) -> bool:
-    """On CPU in float32, stores the output head's weight as (hidden, vocab) and gives torch a transposed view of
-    it. Same values, same results; MKL's GEMM for a few rows reads that layout faster, and the head is the largest
-    matrix (28M of SmolLM2's 135M weights). Measured here: a decode step at batch 8 61.8 -> 56.6 ms, batch 4
-    48.2 -> 45.8, batch 1 and prefill unchanged, batch 2-3 about 1 ms slower. Only the head: the attention
-    projections gain ~1 ms more at batch 8 and lose as much at batch 2; the MLP's gets slower. Tied input
-    embeddings keep sharing the one (new) storage; the old one is freed, though a memory-mapped file's pages of
-    it may stay cached until the OS needs them."""
+@functools.cache
+def packed_linear() -> type:
+    """A `torch.nn.Linear` whose weight oneDNN has reordered once for its own matrix product, instead of MKL
+    repacking it at every call. On a CPU a decode step multiplies a few rows by each weight: that is where MKL's
+    per-call packing costs most (measured on SmolLM2, fp32, 2 AMD cores: a step 56 -> 47 ms at batch 1 and
+    102 -> 72 ms at batch 8; a 5-position verify pass 95 -> 62 ms; prefill unchanged). Built on first use: torch
+    is imported lazily."""
     import torch
 
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return False
-    weight = head.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
-        return False
-    weight.data = weight.data.t().contiguous().t()
-    return True
+    class PackedLinear(torch.nn.Module):
+        def __init__(self, linear: Any) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+            self.register_buffer("packed", packed, persistent=False)
+            self.bias = linear.bias
+
+        def forward(self, x: Any) -> Any:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    return PackedLinear
+
+
+def packable_linears(model: Any) -> list[tuple[Any, str, Any]]:
+    """(parent, name, linear) for every plain float32 `Linear` on the CPU in the text decoder and the output
+    head, without an accelerate hook (offloaded weights move at each call; they stay as they are). A vision
+    tower's projections see many rows at once, where MKL is as fast."""
+    import torch
+
+    def plain(module: Any) -> bool:
+        weight = getattr(module, "weight", None)
+        return (type(module) is torch.nn.Linear and weight is not None and weight.device.type == "cpu"
+                and weight.dtype == torch.float32 and not hasattr(module, "_hf_hook"))  # fmt: skip
+
+    head, decoder = model.get_output_embeddings(), set(model.get_decoder().modules())
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if plain(child) and (child in decoder or child is head)]  # fmt: skip
+
+
+def pack_linear_weights(model: Any) -> int:
+    """Replaces the CPU float32 linears of the decoder and head by `PackedLinear`s; returns how many. Tokens can
+    differ from the unpacked model's only by float rounding (oneDNN sums in another order). A tied output head
+    gets a packed copy: the input embeddings keep the dense weight (SmolLM2 +113 MB, Qwen3-4B +1.5 GB in float32,
+    logged). A torch without oneDNN, or a first product that disagrees with the plain one, leaves the model as is."""
+    import torch
+
+    linears = packable_linears(model)
+    if not linears or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return 0
+    first = linears[0][2]
+    probe = torch.randn(3, first.in_features)
+    try:
+        expected, got = first(probe), packed_linear()(first)(probe)
+    except RuntimeError as exc:
+        log.info("oneDNN linear unavailable (%s); MKL serves the matrix products", str(exc)[:120])
+        return 0
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        log.warning("oneDNN linear disagrees with torch's; MKL serves the matrix products")
+        return 0
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is getattr(
+        model.get_input_embeddings(), "weight", None
+    )
+    for parent, name, linear in linears:
+        setattr(parent, name, packed_linear()(linear))
+    if tied:
+        head = model.get_input_embeddings().weight
+        log.info("tied output head packed separately: +%s", size_text(head.numel() * head.element_size()))
+    return len(linears)
 
 
 def check_local_source(repo_id: str) -> None:
@@ -3162,7 +3212,9 @@ def route_library_logs() -> None:
         logger.propagate = True
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings, pack: bool = True) -> LoadedModel:
+    """The model, processor, tokenizer and vision pipeline of `settings`; `pack`: CPU float32 linears packed for
+    serving (`pack_linear_weights`; a conversion keeps them as loaded)."""
     import transformers
 
     route_library_logs()
@@ -3176,8 +3228,8 @@ def load_model(settings: Settings) -> LoadedModel:
     device_map = None if settings.device_map.lower() == "none" else settings.device_map
     model: Any = model_class.from_pretrained(source, dtype=settings.torch_dtype, device_map=device_map, **common)
     model.eval()
-    if store_output_head_transposed(model):
-        log.info("CPU float32: output head stored transposed (faster batched decode steps)")
+    if pack and (packed := pack_linear_weights(model)):
+        log.info("CPU float32: %d linear layers packed for oneDNN (faster decode steps)", packed)
     processor: Any
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, **common)  # type: ignore[no-untyped-call]
@@ -3198,11 +3250,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantizes a .gguf into a safetensors folder (model and tokenizer) that loads in seconds instead of the
     ~30 s transformers spends parsing GGUF metadata in Python: `python main.py convert-gguf FILE.gguf FOLDER`.
     Written beside the target first and renamed, so a half-written folder is never left under its name."""
-    loaded = load_model(Settings(model_repo_id=str(gguf), device_map="cpu"))
+    loaded = load_model(Settings(model_repo_id=str(gguf), device_map="cpu"), pack=False)
     if getattr(loaded.model, "hf_quantizer", None) is not None:
         loaded.model.hf_quantizer.remove_quantization_config(loaded.model)  # else: "not serializable"
-    head = loaded.model.get_output_embeddings().weight
-    head.data = head.data.contiguous()  # load_model stored it transposed on CPU; safetensors needs contiguous
     partial = target.with_name(target.name + ".partial")
     loaded.model.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)

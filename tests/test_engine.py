@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from pathlib import Path
@@ -149,61 +150,86 @@ def test_a_text_config_loads_the_causal_lm_class_without_vision(tiny_model_dir: 
 
 
 class ToyLM(torch.nn.Module):
-    """Just enough of a causal LM for `store_output_head_transposed`: an embedding and an output head."""
+    """Just enough of a causal LM for `pack_linear_weights`: embeddings, a decoder of two linears and a head."""
 
     def __init__(self, dtype: torch.dtype, tied: bool, head: bool = True) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(10, 4, dtype=dtype)
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(4, 6, dtype=dtype), torch.nn.Linear(6, 4, bias=False, dtype=dtype)
+        )
         self.head = torch.nn.Linear(4, 10, bias=False, dtype=dtype) if head else None
         if tied and self.head is not None:
             self.head.weight = self.embed.weight
 
+    def get_decoder(self) -> torch.nn.Module:
+        return self.decoder
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
     def get_output_embeddings(self) -> torch.nn.Module | None:
         return self.head
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.decoder(self.embed(ids))
+        return hidden if self.head is None else self.head(hidden)
+
 
 @pytest.mark.parametrize(
-    ("model", "stored_transposed"),
+    ("model", "packed"),
     [
-        (ToyLM(torch.float32, tied=False), True),
-        (ToyLM(torch.float32, tied=True), True),
-        (ToyLM(torch.bfloat16, tied=False), False),  # measured only for float32
-        (ToyLM(torch.float32, tied=False, head=False), False),
+        (ToyLM(torch.float32, tied=False), 3),
+        (ToyLM(torch.float32, tied=True), 3),
+        (ToyLM(torch.bfloat16, tied=False), 0),  # measured only for float32
+        (ToyLM(torch.float32, tied=False, head=False), 2),
     ],
     ids=["float32", "float32-tied", "bfloat16", "no-head"],
 )
-def test_store_output_head_transposed(model: ToyLM, stored_transposed: bool) -> None:
-    before = model.embed.weight.detach().clone(), None if model.head is None else model.head.weight.detach().clone()
-    assert main.store_output_head_transposed(model) is stored_transposed
-    assert main.store_output_head_transposed(model) is False  # never twice: the second sees a non-contiguous view
-    if model.head is not None:
-        assert torch.equal(model.head.weight, before[1])
-        assert model.head.weight.stride() == ((1, 10) if stored_transposed else (4, 1))
-    assert torch.equal(model.embed.weight, before[0])
+def test_pack_linear_weights(model: ToyLM, packed: int) -> None:
+    ids = torch.tensor([[1, 2, 3, 9]])
+    with torch.inference_mode():
+        before, embed = model(ids), model.embed.weight.detach().clone()
+        assert main.pack_linear_weights(model) == packed
+        assert main.pack_linear_weights(model) == 0  # never twice: what was packed is no plain Linear any more
+        after = model(ids)
+    names = [type(m).__name__ for m in (model.decoder[0], model.decoder[1], model.head) if m is not None]
+    assert names == ["PackedLinear"] * len(names) if packed else ["Linear"] * 3
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.embed.weight, embed)  # a tied head was copied: the embeddings keep the dense weight
 
 
-def test_load_model_stores_the_cpu_head_transposed_and_greedy_text_is_unchanged(tiny_model_dir: Path) -> None:
-    """The layout changes which GEMM kernel reads the head, never the tokens: a batch of 4 prompts gives the same
-    greedy tokens as the model loaded by plain transformers."""
+def test_load_model_packs_the_cpu_linears_and_greedy_text_is_unchanged(tiny_model_dir: Path) -> None:
+    """The packing changes which kernel multiplies, never the tokens here: a batch of 4 prompts gives the same
+    greedy tokens as the model loaded by plain transformers. A conversion (`pack=False`) keeps plain linears."""
     from transformers import AutoModelForCausalLM
 
     loaded = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    head = loaded.model.get_output_embeddings().weight
-    assert head.stride() == (1, head.shape[0])
-    assert torch.equal(head, plain.get_output_embeddings().weight)
+    kinds = collections.Counter(type(m).__name__ for m in loaded.model.modules())
+    layers = plain.config.num_hidden_layers
+    assert (kinds["PackedLinear"], kinds["Linear"]) == (7 * layers + 1, 0)  # q k v o gate up down, and the head
     prompts = torch.tensor([[5, 9, 14, 3], [7, 7, 2, 30], [11, 4, 6, 8], [40, 1, 2, 3]])
     with torch.inference_mode():
         ours = loaded.model.generate(prompts, max_new_tokens=16, do_sample=False)
         theirs = plain.generate(prompts, max_new_tokens=16, do_sample=False)
     assert torch.equal(ours, theirs)
+    unpacked = main.load_model(make_settings(model_repo_id=str(tiny_model_dir), device_map="cpu"), pack=False)
+    assert not any(type(m).__name__ == "PackedLinear" for m in unpacked.model.modules())
 
 
-def test_smollm2_tied_head_stays_shared_with_the_input_embeddings(smollm2_dir: Path) -> None:
+def test_smollm2_tied_head_is_packed_and_the_input_embeddings_keep_their_weights(smollm2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     loaded = main.load_model(make_settings(model_repo_id=str(smollm2_dir), device_map="cpu"))
-    head = loaded.model.get_output_embeddings().weight
-    assert head.stride() == (1, 49152)
-    assert loaded.model.get_input_embeddings().weight is head  # one copy in memory, not two
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert type(loaded.model.get_output_embeddings()).__name__ == "PackedLinear"
+    assert torch.equal(loaded.model.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 504, 3458, 28, 253, 1476]])
+    with torch.inference_mode():
+        ours, theirs = loaded.model(ids).logits, plain(ids).logits
+    assert torch.allclose(ours, theirs, atol=2e-3)  # oneDNN sums in another order: float rounding only
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 @pytest.mark.parametrize(
