@@ -217,7 +217,7 @@ class Settings(BaseModel):
     # ^ what the batch's KV (and the prefix cache) may hold; -1 = the memory free once the model is loaded, less
     # headroom (GPU: 10% of the card, at least 1 GiB; CPU: half the RAM available)
     batching: Literal["auto", "off"] = one_of("auto", "auto", "off")  # off = one generate() per request
-    speculative_tokens: int = Field(default=4, ge=0, le=16, description="between 0 and 16")
+    speculative_tokens: int = Field(default=8, ge=0, le=16, description="between 0 and 16")
     # ^ draft tokens a row may verify in one pass (prompt lookup, tried where it pays); 0 = off
     prefill_batch_tokens: int = at_least(0, 0)  # prompt tokens (padded) per prefill forward; 0 = 256 CPU, 4096 GPU
     max_queued_requests: int = at_least(16, 0)  # waiting beyond the running ones; past this, 429
@@ -3767,9 +3767,6 @@ def _first_token(texts: TokenTexts, token: int) -> tuple[str, None, bytes]:
     return text, None, raw
 
 
-SPEC_PRIOR_ACCEPTANCE = 0.5  # the share of a row's draft expected to be accepted before it has drafted
-
-
 @dataclass
 class BatchRequest:
     """One row of the batch: one choice of one prompt. The `n` choices of a prompt are its siblings: submitted
@@ -3799,7 +3796,7 @@ class BatchRequest:
     reused: int = 0  # prompt tokens read from the prefix cache instead of computed
     hit: tuple[PrefixEntry, int] | None = None  # the prefix-cache entry it starts from, and how many tokens of it
     joined: int = 0  # its place in admission order (the youngest row is preempted first)
-    acceptance: float = SPEC_PRIOR_ACCEPTANCE  # the share of its drafted tokens it took lately (speculation)
+    acceptance: float | None = None  # the chance it takes a drafted token after the ones before; None: no draft yet
     prompt_ids: Any = None  # input_ids as an int64 numpy array, copied from the device once; None: not yet
 
     def fed(self) -> Any:
@@ -4470,9 +4467,24 @@ class RowSampler:
 
 SPEC_NGRAM_MAX = 4  # the longest suffix of a row's tokens looked up for a draft
 SPEC_NGRAM_MIN = 2  # a one-token match proposes too often to pay
+SPEC_PRIOR_ACCEPTANCE = 0.5  # the chance a drafted token is taken (its predecessors were), before any row drafted
+SPEC_MARGIN = 1.1  # a verify pass must promise this much more than a plain step's tokens a second (noise, optimism)
+SPEC_EXPLORE_EVERY = 64  # declined drafts between passes taken anyway (their figures measured again)
 SPEC_RECOVERY = 0.05  # each step a row does not draft, its acceptance drifts back this far towards the prior
 SPEC_SMOOTHING = 0.7  # weight of the past in the running figures (a row's acceptance, a pass's seconds)
 SPEC_HOLES_SHARE = 0.25  # rejected positions (holes in the rectangle) past this share of it are compacted away
+
+
+def expected_accepted(chance: float, length: int) -> float:
+    """The tokens a draft of `length` is expected to give: each is taken only if all before it were, each with
+    `chance` (a copy runs until the output departs from the source, then the rest of the draft is wasted)."""
+    return sum(chance**i for i in range(1, length + 1))
+
+
+def observed_chance(drafted: int, accepted: int) -> float:
+    """One pass's evidence of the chance a drafted token is taken: its accepted tokens against its first rejected
+    one (none when the whole draft was taken)."""
+    return accepted / (accepted + (accepted < drafted))
 
 
 def draft_tokens(tokens: Any, k: int) -> list[int]:
@@ -4493,25 +4505,59 @@ def draft_tokens(tokens: Any, k: int) -> list[int]:
 
 
 class Speculation:
-    """When a verify pass pays: the measured seconds of a plain step and of a verify pass, by batch size, against
-    the tokens the rows are expected to take from it (each one, plus its acceptance share of its draft). One
-    figure for any draft width: on a CPU a pass over 2 to 16 positions costs about the same (a matrix product
-    instead of a matrix-vector one: SmolLM2, 62 ms for 1 position, 110-125 ms for 5 to 16). A batch size not
-    measured yet is tried once. Counts drafted and accepted tokens and passes for /metrics."""
+    """When a verify pass pays, and how wide: the measured seconds of a pass by batch size and width (1: a plain
+    step) against the tokens the rows are expected to take from it (each one, plus `expected_accepted` of its
+    draft cut to the width, from its own running chance). On a CPU with packed weights a wider pass costs more as
+    the batch grows (SmolLM2, batch 1: 47 ms for 1 position, 62 for 5, 71 for 9; batch 8: 72, 165 and 240 ms), so
+    a row that copies long runs drafts wide alone and narrow in a full batch. A width not measured yet at a batch
+    size is costed between the measured ones either side; none wider: the widest is tried once. A row that has
+    not drafted yet is expected to do what rows did lately (`prior`). Counts drafted and accepted tokens and
+    passes."""
 
     def __init__(self, k: int) -> None:
-        self.k = k
-        self.seconds: dict[tuple[int, bool], float] = {}  # (rows, a verify pass?) -> a step's running seconds
+        self.k, self.prior, self.declined = k, SPEC_PRIOR_ACCEPTANCE, 0
+        self.seconds: dict[tuple[int, int], float] = {}  # (rows, positions) -> a pass's running seconds
         self.drafted = self.accepted = self.passes = 0
 
-    def worth(self, rows: int, expected: float) -> bool:
-        plain, verify = self.seconds.get((rows, False)), self.seconds.get((rows, True))
-        return plain is None or verify is None or expected / verify > rows / plain
+    def acceptance(self, request: BatchRequest) -> float:
+        return self.prior if request.acceptance is None else request.acceptance
 
-    def note(self, rows: int, verify: bool, seconds: float) -> None:
-        past = self.seconds.get((rows, verify))
+    def width(self, requests: list[BatchRequest], drafts: list[list[int]]) -> int:
+        """The positions of the pass that pays best (1: a plain step), SPEC_MARGIN ahead of a plain step. Every
+        SPEC_EXPLORE_EVERY declined drafts the best pass is taken anyway: the figures it was declined on (one slow
+        first pass, rows that have since started copying) are measured again."""
+        rows, widest = len(requests), 1 + max(map(len, drafts), default=0)
+        plain = self.seconds.get((rows, 1))
+        if widest == 1 or plain is None:
+            return 1  # a plain step first: what a verify pass has to beat
+        rates = {}
+        for width in range(2, widest + 1):
+            seconds = self.cost(rows, width)
+            if seconds is None:
+                return widest  # not measured this wide at this batch size: tried once
+            expected = sum(1 + expected_accepted(self.acceptance(r), min(len(d), width - 1))
+                           for d, r in zip(drafts, requests, strict=True))  # fmt: skip
+            rates[width] = expected / seconds
+        best = max(rates, key=rates.__getitem__)
+        if rates[best] > SPEC_MARGIN * rows / plain or self.declined + 1 >= SPEC_EXPLORE_EVERY:
+            self.declined = 0
+            return best
+        self.declined += 1
+        return 1
+
+    def cost(self, rows: int, width: int) -> float | None:
+        """The seconds of a pass `width` wide over `rows` rows: measured, or read off the line between the nearest
+        measured widths either side (a pass's cost grows about linearly with its width); None: none wider."""
+        measured = sorted((w, s) for (r, w), s in self.seconds.items() if r == rows)
+        for (low, below), (high, above) in itertools.pairwise(measured):
+            if low < width <= high:
+                return below + (above - below) * (width - low) / (high - low)
+        return None
+
+    def note(self, rows: int, positions: int, seconds: float) -> None:
+        past = self.seconds.get((rows, positions))
         smoothed = seconds if past is None else SPEC_SMOOTHING * past + (1 - SPEC_SMOOTHING) * seconds
-        self.seconds[(rows, verify)] = smoothed
+        self.seconds[(rows, positions)] = smoothed
 
     def drafts(self, requests: list[BatchRequest]) -> list[list[int]]:
         """Each row's draft: prompt lookup over its tokens, cut where its grammar would refuse a token and where
@@ -4523,16 +4569,17 @@ class Speculation:
             draft = draft_tokens(request.fed(), min(self.k, left)) if left > 0 else []
             if draft and request.constraint is not None:
                 draft = draft[: request.constraint.valid_prefix(draft)]
-            if not draft:
-                request.acceptance += (SPEC_PRIOR_ACCEPTANCE - request.acceptance) * SPEC_RECOVERY
+            if not draft and request.acceptance is not None:
+                request.acceptance += (self.prior - request.acceptance) * SPEC_RECOVERY
             drafts.append(draft)
         return drafts
 
     def taken(self, request: BatchRequest, drafted: int, accepted: int) -> None:
         self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
         if drafted:
-            share = accepted / drafted
-            request.acceptance = SPEC_SMOOTHING * request.acceptance + (1 - SPEC_SMOOTHING) * share
+            chance = observed_chance(drafted, accepted)
+            request.acceptance = SPEC_SMOOTHING * self.acceptance(request) + (1 - SPEC_SMOOTHING) * chance
+            self.prior = SPEC_SMOOTHING * self.prior + (1 - SPEC_SMOOTHING) * chance
 
 
 class Prefiller:
@@ -5024,9 +5071,9 @@ class BatchScheduler:
             return  # all of it preempted
         started, rows = time.perf_counter(), len(batch)
         drafts = spec.drafts(batch.requests) if spec is not None else []
-        positions = 1 + max(map(len, drafts), default=0)
-        expected = sum(1 + len(draft) * r.acceptance for draft, r in zip(drafts, batch.requests))  # noqa: B905
-        if spec is not None and positions > 1 and spec.worth(rows, expected):
+        positions = spec.width(batch.requests, drafts) if spec is not None else 1
+        if spec is not None and positions > 1:
+            drafts = [draft[: positions - 1] for draft in drafts]
             for request, draft, taken in zip(batch.requests, drafts, self.stepper.verify(batch, drafts, positions),
                                              strict=True):  # fmt: skip
                 spec.taken(request, len(draft), taken - 1)
@@ -5035,11 +5082,10 @@ class BatchScheduler:
         else:
             grows = batch.width() + 1 > batch.capacity()
             self.stepper.plain(batch)
-            positions = 1
             if grows:
                 self.rows.note_held()
         if spec is not None:
-            spec.note(rows, positions > 1, time.perf_counter() - started)
+            spec.note(rows, positions, time.perf_counter() - started)
         self._retire(batch)
 
     def _drop_cancelled(self) -> None:

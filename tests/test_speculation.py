@@ -41,28 +41,84 @@ def test_a_draft_is_what_followed_the_longest_earlier_match(tokens: list[int], k
     assert main.draft_tokens(np.asarray(tokens, dtype=np.int64), k) == draft
 
 
+def row(acceptance: float | None = None) -> main.BatchRequest:
+    request = main.BatchRequest(None, greedy(8), threading.Event(), None, None)  # type: ignore[arg-type]
+    request.acceptance = acceptance
+    return request
+
+
+DRAFT = [11, 12, 13, 14]
+ONE_ROW = {(1, 1): 0.030, (1, 5): 0.050}  # a plain step 30 ms (33 tokens/s); 5 positions 50 ms, between: a line
+
+
 @pytest.mark.parametrize(
-    ("measured", "expected", "worth"),
+    ("chance", "length", "expected"),
+    [(0.5, 4, 0.9375), (0.9, 2, 1.71), (1.0, 8, 8.0), (0.0, 8, 0.0), (0.5, 0, 0.0)],
+)
+def test_a_drafted_token_counts_only_if_all_before_it_were_taken(chance: float, length: int, expected: float) -> None:
+    assert main.expected_accepted(chance, length) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("drafted", "accepted", "chance"), [(4, 4, 1.0), (4, 0, 0.0), (4, 3, 0.75), (8, 1, 0.5), (2, 2, 1.0)]
+)
+def test_a_pass_is_evidence_of_taken_tokens_against_the_first_rejected(
+    drafted: int, accepted: int, chance: float
+) -> None:
+    assert main.observed_chance(drafted, accepted) == chance
+
+
+@pytest.mark.parametrize(
+    ("measured", "acceptances", "drafts", "width"),
     [
-        ({}, 1.5, True),  # nothing measured: try it once
-        ({(1, False): 0.030}, 1.5, True),  # the verify pass not measured yet
-        ({(1, False): 0.030, (1, True): 0.050}, 2.5, True),  # 50 tokens/s against 33
-        ({(1, False): 0.030, (1, True): 0.050}, 1.4, False),  # 28 against 33: a plain step
+        ({}, [None], [DRAFT], 1),  # nothing measured: a plain step first (what a pass has to beat)
+        ({(1, 1): 0.030}, [None], [DRAFT], 5),  # no pass measured at this batch size: the widest, once
+        (ONE_ROW, [None], [[]], 1),  # no draft
+        # the prior 0.5: 3 positions (1.75 tokens in 40 ms: 44/s) beat 2 (43/s), 4 (42/s), 5 (39/s) and a step (33/s)
+        (ONE_ROW, [None], [DRAFT], 3),
+        (ONE_ROW, [0.95], [DRAFT], 5),  # a row copying a long run: 4.5 tokens in 50 ms
+        (ONE_ROW, [0.1], [DRAFT], 1),  # at best 31/s
+        (ONE_ROW, [0.2], [DRAFT], 1),  # at best 34/s: past 33 but not by SPEC_MARGIN
+        ({(1, 1): 0.030, (1, 3): 0.040}, [0.9], [DRAFT], 5),  # nothing measured as wide as 4: the widest, once
+        # two rows, one drafting: 2 positions (83/s) beat 3 (74/s), 5 (64/s) and a step (67/s)
+        ({(2, 1): 0.030, (2, 2): 0.035, (2, 5): 0.080}, [0.9, None], [DRAFT, []], 2),
     ],
 )
-def test_a_verify_pass_is_taken_where_its_tokens_per_second_beat_a_plain_step(
-    measured: dict[tuple[int, bool], float], expected: float, worth: bool
+def test_a_verify_pass_is_as_wide_as_pays_best_against_a_plain_step(
+    measured: dict[tuple[int, int], float], acceptances: list[float | None], drafts: list[list[int]], width: int
 ) -> None:
     spec = main.Speculation(4)
     spec.seconds.update(measured)
-    assert spec.worth(1, expected) is worth
+    assert spec.width([row(a) for a in acceptances], drafts) == width
+
+
+def test_a_declined_pass_is_taken_now_and_then_to_measure_it_again() -> None:
+    spec = main.Speculation(4)
+    spec.seconds.update(ONE_ROW)
+    widths = [spec.width([row(0.1)], [DRAFT]) for _ in range(2 * main.SPEC_EXPLORE_EVERY)]
+    assert [i for i, w in enumerate(widths) if w != 1] == [main.SPEC_EXPLORE_EVERY - 1, 2 * main.SPEC_EXPLORE_EVERY - 1]
+    assert widths[main.SPEC_EXPLORE_EVERY - 1] == 2  # the best of the passes: 1.1 tokens in 35 ms
+
+
+def test_a_row_that_has_not_drafted_is_expected_to_take_what_rows_took_lately() -> None:
+    """Prose: every draft rejected, so the next request's rows start from what rows took, not the first guess."""
+    spec = main.Speculation(4)
+    fresh, rejected = row(), row()
+    assert spec.acceptance(fresh) == main.SPEC_PRIOR_ACCEPTANCE
+    for _ in range(4):
+        spec.taken(rejected, 4, 0)
+    assert spec.acceptance(rejected) == pytest.approx(0.5 * 0.7**4)
+    assert spec.acceptance(fresh) == pytest.approx(0.5 * 0.7**4)  # the prior followed
+    assert (spec.drafted, spec.accepted) == (16, 0)
+    spec.taken(fresh, 4, 4)
+    assert spec.acceptance(fresh) == pytest.approx(0.7 * 0.5 * 0.7**4 + 0.3)  # from the prior, towards 1
 
 
 def engines(model_dir: Path, always: bool = False) -> tuple[main.TransformersEngine, main.TransformersEngine]:
     """(speculation on, off) on the same model, prefix cache off (each run prefills alike). `always`: every draft
     is verified, whatever the cost model says (the tiny model's passes are too short to time)."""
     made = []
-    for tokens in (4, 0):
+    for tokens in (main.Settings().speculative_tokens, 0):
         settings = make_settings(model_repo_id=str(model_dir), device_map="cpu", speculative_tokens=tokens,
                                  prefix_cache_bytes=0)  # fmt: skip
         engine = main.TransformersEngine(settings)
@@ -70,7 +126,7 @@ def engines(model_dir: Path, always: bool = False) -> tuple[main.TransformersEng
         made.append(engine)
     spec = made[0].scheduler_for(made[0].handle.get()).spec  # type: ignore[union-attr]
     if always and spec is not None:
-        spec.worth = lambda rows, expected: True  # type: ignore[method-assign]
+        spec.width = lambda requests, drafts: 1 + max(map(len, drafts), default=0)  # type: ignore[method-assign]
     return made[0], made[1]
 
 
