@@ -3146,10 +3146,10 @@ def packed_linear() -> type:
     return PackedLinear
 
 
-def packable_linears(model: Any) -> list[tuple[Any, str, Any]]:
-    """(parent, name, linear) for every plain float32 `Linear` on the CPU in the text decoder and the output
-    head, without an accelerate hook (offloaded weights move at each call; they stay as they are). A vision
-    tower's projections see many rows at once, where MKL is as fast."""
+def packable_linears(model: Any) -> list[tuple[Any, str]]:
+    """(parent, name) of every plain float32 `Linear` on the CPU in the text decoder and the output head, without
+    an accelerate hook (offloaded weights move at each call; they stay as they are). A vision tower's projections
+    see many rows at once, where MKL is as fast."""
     import torch
 
     def plain(module: Any) -> bool:
@@ -3158,39 +3158,43 @@ def packable_linears(model: Any) -> list[tuple[Any, str, Any]]:
                 and weight.dtype == torch.float32 and not hasattr(module, "_hf_hook"))  # fmt: skip
 
     head, decoder = model.get_output_embeddings(), set(model.get_decoder().modules())
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    return [(parent, name) for parent in model.modules() for name, child in parent.named_children()
             if plain(child) and (child in decoder or child is head)]  # fmt: skip
 
 
+def ties_output_head(model: Any) -> bool:
+    """Whether the output head's weight is the input embeddings' (a reference to it would outlive the packing)."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    return weight is not None and weight is getattr(model.get_input_embeddings(), "weight", None)
+
+
 def pack_linear_weights(model: Any) -> int:
-    """Replaces the CPU float32 linears of the decoder and head by `PackedLinear`s; returns how many. Tokens can
-    differ from the unpacked model's only by float rounding (oneDNN sums in another order). A tied output head
-    gets a packed copy: the input embeddings keep the dense weight (SmolLM2 +113 MB, Qwen3-4B +1.5 GB in float32,
-    logged). A torch without oneDNN, or a first product that disagrees with the plain one, leaves the model as is."""
+    """Replaces the CPU float32 linears of the decoder and head by `PackedLinear`s; returns how many. One at a time,
+    each dense weight freed as its packed one is in (the whole model is never held twice). Tokens can differ from
+    the unpacked model's only by float rounding (oneDNN sums in another order). A tied output head gets a packed
+    copy: the input embeddings keep the dense weight (SmolLM2 +113 MB, Qwen3-4B +1.5 GB in float32, logged). A
+    torch without oneDNN, or a first product that disagrees with the plain one, leaves the model as is."""
     import torch
 
-    linears = packable_linears(model)
-    if not linears or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+    places = packable_linears(model)
+    if not places or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return 0
-    first = linears[0][2]
-    probe = torch.randn(3, first.in_features)
+    probe = torch.randn(3, getattr(*places[0]).in_features)
     try:
-        expected, got = first(probe), packed_linear()(first)(probe)
-    except RuntimeError as exc:
+        expected, got = getattr(*places[0])(probe), packed_linear()(getattr(*places[0]))(probe)
+    except (RuntimeError, AttributeError) as exc:  # AttributeError: a build without the mkldnn ops
         log.info("oneDNN linear unavailable (%s); MKL serves the matrix products", str(exc)[:120])
         return 0
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
         log.warning("oneDNN linear disagrees with torch's; MKL serves the matrix products")
         return 0
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is getattr(
-        model.get_input_embeddings(), "weight", None
-    )
-    for parent, name, linear in linears:
-        setattr(parent, name, packed_linear()(linear))
+    tied = ties_output_head(model)
+    for parent, name in places:
+        setattr(parent, name, packed_linear()(getattr(parent, name)))
     if tied:
-        head = model.get_input_embeddings().weight
-        log.info("tied output head packed separately: +%s", size_text(head.numel() * head.element_size()))
-    return len(linears)
+        weight = model.get_input_embeddings().weight
+        log.info("tied output head packed separately: +%s", size_text(weight.numel() * weight.element_size()))
+    return len(places)
 
 
 def check_local_source(repo_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ class ToyLM(torch.nn.Module):
 )
 def test_pack_linear_weights(model: ToyLM, packed: int) -> None:
     ids = torch.tensor([[1, 2, 3, 9]])
+    dense = weakref.ref(model.decoder[0].weight)
     with torch.inference_mode():
         before, embed = model(ids), model.embed.weight.detach().clone()
         assert main.pack_linear_weights(model) == packed
@@ -197,6 +199,7 @@ def test_pack_linear_weights(model: ToyLM, packed: int) -> None:
     assert names == ["PackedLinear"] * len(names) if packed else ["Linear"] * 3
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-6)
     assert torch.equal(model.embed.weight, embed)  # a tied head was copied: the embeddings keep the dense weight
+    assert (dense() is None) is bool(packed)  # a packed layer's dense weight is freed, not kept beside it
 
 
 def test_load_model_packs_the_cpu_linears_and_greedy_text_is_unchanged(tiny_model_dir: Path) -> None:
