@@ -202,6 +202,44 @@ def test_pack_linear_weights(model: ToyLM, packed: int) -> None:
     assert (dense() is None) is bool(packed)  # a packed layer's dense weight is freed, not kept beside it
 
 
+class BrokenPacking(torch.nn.Module):
+    """A `PackedLinear` of a torch whose oneDNN ops are missing, fail, or compute something else."""
+
+    def __init__(self, linear: torch.nn.Linear, fault: type[Exception] | None) -> None:
+        super().__init__()
+        self.linear, self.fault = linear, fault
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fault is not None:
+            raise self.fault("mkldnn::_linear_pointwise: no kernel")
+        return self.linear(x) + 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        (
+            RuntimeError,
+            "oneDNN linear unavailable (mkldnn::_linear_pointwise: no kernel); MKL serves the matrix products",
+        ),
+        (
+            AttributeError,
+            "oneDNN linear unavailable (mkldnn::_linear_pointwise: no kernel); MKL serves the matrix products",
+        ),
+        (None, "oneDNN linear disagrees with torch's; MKL serves the matrix products"),
+    ],
+)
+def test_a_torch_whose_onednn_fails_keeps_the_model_as_loaded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: type[Exception] | None, said: str
+) -> None:
+    model = ToyLM(torch.float32, tied=False)
+    monkeypatch.setattr(main, "packed_linear", lambda: lambda linear: BrokenPacking(linear, fault))
+    with caplog.at_level(logging.INFO, logger="llm_server"):
+        assert main.pack_linear_weights(model) == 0
+    assert [type(m).__name__ for m in (model.decoder[0], model.decoder[1], model.head)] == ["Linear"] * 3
+    assert [r.getMessage() for r in caplog.records] == [said]
+
+
 def test_load_model_packs_the_cpu_linears_and_greedy_text_is_unchanged(tiny_model_dir: Path) -> None:
     """The packing changes which kernel multiplies, never the tokens here: a batch of 4 prompts gives the same
     greedy tokens as the model loaded by plain transformers. A conversion (`pack=False`) keeps plain linears."""
