@@ -4473,7 +4473,7 @@ SPEC_NGRAM_MAX = 4  # the longest suffix of a row's tokens looked up for a draft
 SPEC_NGRAM_MIN = 2  # a one-token match proposes too often to pay
 SPEC_PRIOR_ACCEPTANCE = 0.5  # the chance a drafted token is taken (its predecessors were), before any row drafted
 SPEC_MARGIN = 1.1  # a verify pass must promise this much more than a plain step's tokens a second (noise, optimism)
-SPEC_EXPLORE_EVERY = 64  # declined drafts between passes taken anyway (their figures measured again)
+SPEC_EXPLORE_EVERY = 64  # declined drafts between passes taken anyway, per plain step a pass costs
 SPEC_RECOVERY = 0.05  # each step a row does not draft, its acceptance drifts back this far towards the prior
 SPEC_SMOOTHING = 0.7  # weight of the past in the running figures (a row's acceptance, a pass's seconds)
 SPEC_HOLES_SHARE = 0.25  # rejected positions (holes in the rectangle) past this share of it are compacted away
@@ -4527,23 +4527,25 @@ class Speculation:
         return self.prior if request.acceptance is None else request.acceptance
 
     def width(self, requests: list[BatchRequest], drafts: list[list[int]]) -> int:
-        """The positions of the pass that pays best (1: a plain step), SPEC_MARGIN ahead of a plain step. Every
-        SPEC_EXPLORE_EVERY declined drafts the best pass is taken anyway: the figures it was declined on (one slow
-        first pass, rows that have since started copying) are measured again."""
+        """The positions of the pass that pays best (1: a plain step), SPEC_MARGIN ahead of a plain step. Now and
+        then the best pass is taken anyway (after SPEC_EXPLORE_EVERY declined drafts, times the pass's cost in
+        plain steps): the figures it was declined on (one slow first pass, rows that have since started copying)
+        are measured again."""
         rows, widest = len(requests), 1 + max(map(len, drafts), default=0)
         plain = self.seconds.get((rows, 1))
         if widest == 1 or plain is None:
             return 1  # a plain step first: what a verify pass has to beat
-        rates = {}
+        costs, rates = {}, {}
         for width in range(2, widest + 1):
             seconds = self.cost(rows, width)
             if seconds is None:
                 return widest  # not measured this wide at this batch size: tried once
             expected = sum(1 + expected_accepted(self.acceptance(r), min(len(d), width - 1))
                            for d, r in zip(drafts, requests, strict=True))  # fmt: skip
-            rates[width] = expected / seconds
+            costs[width], rates[width] = seconds, expected / seconds
         best = max(rates, key=rates.__getitem__)
-        if rates[best] > SPEC_MARGIN * rows / plain or self.declined + 1 >= SPEC_EXPLORE_EVERY:
+        explore = SPEC_EXPLORE_EVERY * costs[best] / plain  # the dearer the pass, the rarer: ~1/64 of the time at most
+        if rates[best] > SPEC_MARGIN * rows / plain or self.declined + 1 >= explore:
             self.declined = 0
             return best
         self.declined += 1

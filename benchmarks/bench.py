@@ -663,7 +663,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, str]]:
             note += f" ({ratio(single_tok_s, raw.single_tok_s_packed)} with the same packed weights)"
         report.add("server decode tok/s, 1 stream", f"{single_tok_s:.1f}", note)
         report.add("server TTFT, 1 stream", f"{ttft * 1000:.0f} ms",
-                   f"+{(ttft - raw.prefill_s) * 1000:.0f} ms over raw prefill")  # fmt: skip
+                   f"{(ttft - raw.prefill_s) * 1000:+.0f} ms over raw prefill")  # fmt: skip
         top_figures = None
         for n in levels:
             figures = measure_concurrency(ours.url, n, args.new_tokens, args.runs)
