@@ -3545,13 +3545,12 @@ def infer_prompt_scores(
     return score_prompt(texts, logits.float().log_softmax(-1), ids, params.logprobs or 0)
 
 
-def row_processors(loaded: LoadedModel, row: BatchRequest, prompt_tokens: int) -> Any:
+def row_processors(loaded: LoadedModel, row: BatchRequest, prompt_tokens: int, eos: set[int]) -> Any:
     """One choice's logits processors for `generate()`: the row's own work (logprobs, bias, penalties,
     min_tokens), its grammar mask (advanced past any resumed tokens already), and for a sampled row the draw."""
     import torch
     from transformers import LogitsProcessorList
 
-    eos = eos_ids(loaded)
     eos_index = torch.tensor(sorted(eos), device=loaded.model.device) if eos else None
     processors = LogitsProcessorList([_make_row_processor(row, prompt_tokens, eos_index)])
     if row.constraint is not None:
@@ -3576,7 +3575,7 @@ def infer_choice(
     inputs = {**prompt.inputs, "input_ids": row.input_ids, "attention_mask": torch.ones_like(row.input_ids)}
     if not resumed:
         inputs = prompt.inputs  # media inputs (pixel values, grids) go as they are
-    processors = row_processors(loaded, row, prompt.prompt_tokens)
+    processors = row_processors(loaded, row, prompt.prompt_tokens, eos)
     tokens: queue.Queue[object] = queue.Queue()
     k = params.logprobs or 0
     streamer = _make_token_streamer(  # on_token runs in generate's thread, right after the token is chosen
