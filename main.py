@@ -5621,8 +5621,8 @@ class Session:
         if self.replayed:  # a continuation remaking an event the session holds already (the same text)
             self.replayed -= 1
             return self.buffer.next_index - 1 - self.replayed
-        if self.suspended:
-            return self.buffer.next_index - 1
+        if self.closed:  # deliberate: after [DONE] (a store failure or shutdown ended it first), the runner's late
+            return self.buffer.next_index - 1  # events (a cancelled finish, usage, a second [DONE]) are dropped
         index = self.buffer.append(data)
         if self.journal is not None:
             self.journal.record_event(self.key, index, data, self._on_durable(index))
@@ -5650,8 +5650,9 @@ class Session:
         self._notify()
 
     def finish(self, state: str) -> None:
-        """Appends [DONE] and ends the session in `state`: one journal operation for both."""
-        if self.suspended:
+        """Appends [DONE] and ends the session in `state`: one journal operation for both. Once only: the first
+        end (a store failure, a shutdown, the runner) is the one its readers and the journal keep."""
+        if self.closed:
             return
         index = self.buffer.append(DONE)
         self._enter(state)
@@ -5904,8 +5905,10 @@ class QueuedWriter(Generic[OpT]):
     def _put_op(self, op: OpT) -> None:
         if self.error is None:
             self._queue.put(op)
-        else:
-            self._note_lost([op])
+            return
+        self._note_lost([op])
+        if op.on_commit is not None:  # as after a failed batch: its readers must not wait for it once the store
+            op.on_commit()  # is back (`readable_end` then follows `durable_index` again)
 
     def _note_lost(self, ops: list[OpT]) -> None:
         """Once the store has failed, events are still sent: a replay after a restart must not hand out those

@@ -109,6 +109,11 @@ def test_redis_going_away_ends_streams_gives_503_and_recovers(
             time.sleep(0.2)
         assert answer.status_code == 200
         assert httpx.get(a.url + "/health/ready", timeout=10).json()["persistence"] == "ok"
+        # the runner, cancelled by the failure, ended its choice since: nothing of that follows the [DONE] read
+        resumed = {"headers": {"Last-Event-ID": head[-1][0] or ""}, "timeout": 10}  # it used to wait forever
+        with httpx.stream("POST", a.url + "/v1/chat/completions", **resumed) as response:
+            assert list(iter_sse(response)) == rest
+        assert httpx.get(a.url + "/v1/sessions/outage-1", timeout=10).json()["state"] == "interrupted"
     finally:
         a.stop()
 

@@ -8,7 +8,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -92,6 +95,35 @@ def test_a_failed_write_disables_the_journal_instead_of_raising(tmp_path: Path) 
     assert journal.error is not None and "missing_table" in journal.error
     journal.record_event("x", 5, "after")  # dropped, not raised
     journal.close()
+
+
+def fail_the_store(session: main.Session) -> None:
+    main.end_for_store_failure(stub_state(session))
+
+
+@pytest.mark.parametrize(("end", "code"), [(main.interrupt_session, "interrupted"),
+                                           (fail_the_store, "session_store_unavailable")])  # fmt: skip
+def test_nothing_follows_the_done_of_a_session_ended_under_its_runner(
+    end: Callable[[main.Session], None], code: str
+) -> None:
+    """A store failure or a shutdown ends a running session (error, [DONE]) and cancels its runner, which then
+    closes its choice as the engine stops: that cancelled finish, the usage and a second [DONE] came after the
+    first [DONE] (the flake of test_redis_going_away: a fast reader saw them), and the state became cancelled."""
+    session = main.Session("s", META, 16)
+    session.set_state(main.SessionState.RUNNING)
+    session.append("content")
+    end(session)
+    ended = [e.data for e in session.buffer.read_from(0)]
+    assert ended[0] == "content" and json.loads(ended[1])["error"]["code"] == code
+    assert ended[2:] == [main.DONE] and session.cancel.is_set()
+    assert session.append("the runner's cancelled finish") == 2
+    session.finish(main.SessionState.CANCELLED)
+    assert [e.data for e in session.buffer.read_from(0)] == ended and session.state == main.SessionState.INTERRUPTED
+
+
+def stub_state(session: main.Session) -> main.AppState:
+    """What end_for_store_failure reads of the app: its sessions."""
+    return cast(main.AppState, SimpleNamespace(store=SimpleNamespace(sessions={session.key: session})))
 
 
 def test_store_evicts_expired_then_oldest_ended_never_running() -> None:
@@ -363,3 +395,26 @@ def test_a_failed_journal_takes_writes_again_once_its_loss_marks_are_written(tmp
     stored = journal.load_session("s")
     assert stored is not None and stored.lost_from == 0 and [e.data for e in stored.events] == ["kept"]
     journal.close()
+
+
+def test_events_written_while_the_journal_failed_stay_readable_once_it_recovers(tmp_path: Path) -> None:
+    """The events appended while the store was failed were handed out (`readable_end` is the ring's end then) but
+    never committed: once the store took writes again, `readable_end` fell back to the last committed index, and a
+    resume of a session that ended in the outage (the Redis test's error and [DONE]) waited forever."""
+
+    async def scenario() -> tuple[int, list[str]]:
+        journal = main.SqliteJournal(tmp_path / "s.db")
+        session = main.Session("s", META, 16, journal)
+        session.append("committed")
+        await asyncio.to_thread(journal.flush)
+        journal._put("INSERT INTO missing_table VALUES (?)", (1,))  # the failure
+        await asyncio.to_thread(journal.flush)
+        session.append("sent in the outage")
+        session.finish(main.SessionState.INTERRUPTED)
+        assert journal.write_loss_marks() is True and journal.error is None
+        await asyncio.sleep(0)  # the commit callbacks run on the loop
+        events = [e.data for e in await main.read_events(session, 0)]
+        journal.close()
+        return session.readable_end, events
+
+    assert asyncio.run(scenario()) == (3, ["committed", "sent in the outage", main.DONE])
