@@ -4493,18 +4493,25 @@ def observed_chance(drafted: int, accepted: int) -> float:
 def draft_tokens(tokens: Any, k: int) -> list[int]:
     """Prompt lookup: the `k` tokens (at most) that followed the most recent earlier occurrence of the longest
     suffix of `tokens` (an int64 array: the row's prompt and output), from SPEC_NGRAM_MAX tokens down to
-    SPEC_NGRAM_MIN; none when nothing matches."""
+    SPEC_NGRAM_MIN; none when nothing matches. Every row drafts at every step, over its whole context: so one
+    pass over it (where the last token occurred before), then only those places are extended backwards, one
+    token at a time (a 32k-token context: ~0.05 ms; comparing every window of every length took ~2 ms a row)."""
     import numpy as np
-    from numpy.lib.stride_tricks import sliding_window_view
 
-    for n in range(SPEC_NGRAM_MAX, SPEC_NGRAM_MIN - 1, -1):
-        if len(tokens) <= n:
-            continue
-        hits = np.flatnonzero((sliding_window_view(tokens[:-1], n) == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return [int(t) for t in tokens[start : start + k]]
-    return []
+    if len(tokens) < 2:
+        return []
+    last = len(tokens) - 1
+    ends, matched = np.flatnonzero(tokens[:-1] == tokens[last]), 1  # where an earlier occurrence could end
+    for back in range(1, SPEC_NGRAM_MAX):
+        room = ends[ends >= back]
+        longer = room[tokens[room - back] == tokens[last - back]]
+        if not longer.size:
+            break
+        ends, matched = longer, back + 1
+    if matched < SPEC_NGRAM_MIN:
+        return []
+    start = int(ends[-1]) + 1  # ascending: the most recent of the longest
+    return [int(t) for t in tokens[start : start + k]]
 
 
 class Speculation:
@@ -4690,6 +4697,10 @@ class Stepper:
                  fail: Callable[[list[BatchRequest], Exception, str], None]) -> None:  # fmt: skip
         self.model, self.rows_sampler, self.eos, self.texts, self.fail = loaded.model, sampler, eos, texts, fail
         self.cache_kw = cache_keyword(loaded.model)
+
+    def first(self, logits: Any, requests: list[BatchRequest]) -> Any:
+        """The first tokens of rows just prefilled (from their last prompt position), chosen as every later one."""
+        return self.rows_sampler.sample(logits[:, -1, :], requests)
 
     def plain(self, batch: Batch) -> None:
         """Each row's newest token through the model, then each row's next token chosen and emitted."""
@@ -5047,7 +5058,7 @@ class BatchScheduler:
             if not request.cached:
                 prepare_row(request, vocab_size(self.loaded))
                 request.joined = next(self.rows.joined)
-        tokens = self.stepper.rows_sampler.sample(logits[:, -1, :], requests)
+        tokens = self.stepper.first(logits, requests)
         target = self.rows.target  # the group admission chose, or a new one
         batch = target if target in self.rows.batches else Batch()
         first = len(batch)

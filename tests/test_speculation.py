@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,24 @@ PROMPTS = [ECHO, JSON_ECHO, PROSE]
 )
 def test_a_draft_is_what_followed_the_longest_earlier_match(tokens: list[int], k: int, draft: list[int]) -> None:
     assert main.draft_tokens(np.asarray(tokens, dtype=np.int64), k) == draft
+
+
+def lookup_by_definition(tokens: list[int], k: int) -> list[int]:
+    """The draft as the words say it: the longest suffix first, its most recent earlier occurrence first."""
+    for n in range(main.SPEC_NGRAM_MAX, main.SPEC_NGRAM_MIN - 1, -1):
+        for end in range(len(tokens) - 2, n - 2, -1):
+            if tokens[end - n + 1 : end + 1] == tokens[-n:]:
+                return tokens[end + 1 : end + 1 + k]
+    return []
+
+
+def test_a_draft_matches_its_definition_on_random_repetitive_rows() -> None:
+    """Small vocabularies repeat a lot: matches of every length, at the start, overlapping, at the end."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        tokens = [rng.randrange(rng.choice([2, 3, 5, 40])) for _ in range(rng.randrange(0, 40))]
+        k = rng.randrange(1, 9)
+        assert main.draft_tokens(np.asarray(tokens, dtype=np.int64), k) == lookup_by_definition(tokens, k), tokens
 
 
 def row(acceptance: float | None = None) -> main.BatchRequest:
