@@ -4495,7 +4495,7 @@ def draft_tokens(tokens: Any, k: int) -> list[int]:
     suffix of `tokens` (an int64 array: the row's prompt and output), from SPEC_NGRAM_MAX tokens down to
     SPEC_NGRAM_MIN; none when nothing matches. Every row drafts at every step, over its whole context: so one
     pass over it (where the last token occurred before), then only those places are extended backwards, one
-    token at a time (a 32k-token context: ~0.05 ms; comparing every window of every length took ~2 ms a row)."""
+    token at a time (a 32k-token context: ~0.04 ms a row; comparing every window of every length took ~1.2 ms)."""
     import numpy as np
 
     if len(tokens) < 2:
