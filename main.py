@@ -4574,7 +4574,6 @@ class Speculation:
     def drafts(self, requests: list[BatchRequest]) -> list[list[int]]:
         """Each row's draft: prompt lookup over its tokens, cut where its grammar would refuse a token and where
         max_tokens would end it. A row that does not draft drifts back towards the prior acceptance."""
-
         drafts = []
         for request in requests:
             left = request.params.max_new_tokens - request.generated - 1  # the pass's own token comes on top
@@ -5025,7 +5024,6 @@ class BatchScheduler:
     def _remember_answer(self, request: BatchRequest, row: int, batch: Batch) -> None:
         """A finished row's prompt and answer: the next turn of a conversation starts with them when the chat
         template writes the answer back as it was generated."""
-
         self._remember(request, request.fed()[: request.cached], row, batch)
 
     def _prefill(self, group: list[Family]) -> None:
@@ -5916,10 +5914,19 @@ class QueuedWriter(Generic[OpT]):
     def _put_op(self, op: OpT) -> None:
         if self.error is None:
             self._queue.put(op)
-            return
-        self._note_lost([op])
-        if op.on_commit is not None:  # as after a failed batch: its readers must not wait for it once the store
-            op.on_commit()  # is back (`readable_end` then follows `durable_index` again)
+        else:
+            self._settle([op], lost=True)
+
+    def _settle(self, ops: list[OpT], lost: bool) -> None:
+        """Ops committed, or dropped (`lost`: a failed batch, or put while the store is failed): what was lost is
+        noted, and every op's readers are released. A dropped event's readers too: they must not wait for it once
+        the store is back (`readable_end` then follows `durable_index` again)."""
+        if lost:
+            self._note_lost(ops)
+        for op in ops:
+            if op.on_commit is not None:
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is waiting
+                    op.on_commit()
 
     def _note_lost(self, ops: list[OpT]) -> None:
         """Once the store has failed, events are still sent: a replay after a restart must not hand out those
@@ -5947,12 +5954,7 @@ class QueuedWriter(Generic[OpT]):
             except Exception as exc:  # deliberate: sqlite3.Error, redis.RedisError, OSError: the store, not us
                 self._fail(f"{self._describe()} failed: {exc}")
             finally:
-                if self.error is not None:
-                    self._note_lost(ops)
-                for op in ops:  # after a failure too: a reader waiting on this op must not wait forever
-                    if op.on_commit is not None:
-                        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is waiting
-                            op.on_commit()
+                self._settle(ops, lost=self.error is not None)
                 for _ in batch:
                     self._queue.task_done()
             if None in batch:
